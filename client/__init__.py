@@ -1,0 +1,1 @@
+"""fedlora client: the Flower ClientApp, model loading, local training and evaluation."""

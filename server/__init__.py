@@ -1,0 +1,1 @@
+"""fedlora coordinator: the Flower ServerApp, its strategy, run outputs and the dashboard."""

@@ -1,0 +1,1 @@
+"""fedlora tasks, the simulation entry point, experiments and benchmarks."""
