@@ -1,0 +1,204 @@
+/* The run page: progress, charts, nodes, diagnostics and config of one run, polled while the run is in progress. */
+"use strict";
+(function () {
+  const f = window.fedlora;
+  const runId = document.body.dataset.runId;
+  const api = "/api/runs/" + encodeURIComponent(runId);
+  const POLL_RUNNING_MS = 2000;
+  const POLL_IDLE_MS = 10000;
+  const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+  const ENERGY_KEY = /^energy_kept_r(\d+)$/;
+  const charts = {};
+  let lastStamp = null;
+  let renders = 0;
+
+  function series(label, color, extra) {
+    return Object.assign({ label, data: [], borderColor: color, backgroundColor: color, spanGaps: true }, extra);
+  }
+
+  function makeChart(id, type, datasets, scales) {
+    return new Chart(document.getElementById(id), {
+      type,
+      data: { labels: [], datasets },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        interaction: { mode: "index", intersect: false },
+        plugins: { legend: { position: "bottom" } },
+        scales: Object.assign({ x: { title: { display: true, text: "round" } } }, scales),
+      },
+    });
+  }
+
+  function initCharts() {
+    const title = (text) => ({ display: true, text });
+    charts.eval = makeChart("chart-eval", "line",
+      [series("eval accuracy", COLORS[0], { yAxisID: "y" }), series("eval loss", COLORS[1], { yAxisID: "y1" })],
+      { y: { min: 0, max: 1, title: title("accuracy") },
+        y1: { position: "right", grid: { drawOnChartArea: false }, title: title("loss") } });
+    charts.train = makeChart("chart-train", "line", [series("train loss", COLORS[3])], { y: { title: title("loss") } });
+    charts.bytes = makeChart("chart-bytes", "bar",
+      [series("down (to nodes)", COLORS[0]), series("up (from nodes)", COLORS[2])],
+      { y: { beginAtZero: true, ticks: { precision: 0, callback: (value) => f.formatBytes(value) } } });
+    charts.epsilon = makeChart("chart-epsilon", "line", [series("ε", COLORS[4])], { y: { beginAtZero: true } });
+    charts.energy = makeChart("chart-energy", "line", [], { y: { min: 0, max: 1, title: title("fraction") } });
+  }
+
+  const metric = (round, key) => (f.isNumber(round.metrics[key]) ? round.metrics[key] : null);
+
+  function lastValue(rounds, pick) {
+    for (let i = rounds.length - 1; i >= 0; i -= 1) {
+      const value = pick(rounds[i]);
+      if (f.isNumber(value)) return value;
+    }
+    return null;
+  }
+
+  function setText(id, text, value) {
+    const element = document.getElementById(id);
+    element.textContent = text;
+    if (value !== undefined) element.dataset.value = value === null ? "" : String(value);
+  }
+
+  function renderSummary(run) {
+    f.statusBadge(document.getElementById("run-status"), run.status);
+    setText("rounds-done", String(run.rounds_done), run.rounds_done);
+    setText("rounds-planned", String(run.rounds_planned), run.rounds_planned);
+    const fraction = run.rounds_planned > 0 ? Math.min(1, run.rounds_done / run.rounds_planned) : 0;
+    document.getElementById("progress-bar").style.width = (100 * fraction).toFixed(1) + "%";
+    setText("best-accuracy", f.formatPercent(run.best_accuracy), run.best_accuracy);
+    setText("best-accuracy-round", run.best_accuracy_round === null ? "" : `round ${run.best_accuracy_round}`);
+    setText("started-at", f.formatTime(run.started_at), run.started_at);
+    setText("duration", f.formatDuration(run.duration_seconds), run.duration_seconds);
+    const link = document.getElementById("adapter-link");
+    link.hidden = !run.has_adapter;
+    document.getElementById("adapter-none").hidden = run.has_adapter;
+    if (run.has_adapter) link.href = api + "/adapter.zip";
+    const running = run.status === "running";
+    f.setLive((running ? "live · " : run.status + " · ") + "updated " + new Date().toLocaleTimeString(), running);
+  }
+
+  function setData(chart, labels, values) {
+    chart.data.labels = labels;
+    values.forEach((data, i) => { chart.data.datasets[i].data = data; });
+    chart.update("none");
+  }
+
+  function energyDatasets(diagnostics) {
+    const keys = new Map();
+    diagnostics.forEach((d) => Object.values(d.modules).forEach((values) => Object.keys(values).forEach((key) => {
+      const match = ENERGY_KEY.exec(key);
+      if (match) keys.set(key, Number(match[1]));
+      else if (key === "fedavg_error") keys.set(key, Infinity);
+    })));
+    const sorted = [...keys.entries()].sort((a, b) => a[1] - b[1]).map((entry) => entry[0]);
+    return sorted.map((key, i) => {
+      const mean = diagnostics.map((d) => {
+        const values = Object.values(d.modules).map((m) => m[key]).filter(f.isNumber);
+        return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null;
+      });
+      const label = key === "fedavg_error" ? "fedavg error" : `r = ${keys.get(key)}`;
+      const dash = key === "fedavg_error" ? { borderDash: [6, 4] } : {};
+      return Object.assign(series(label, COLORS[i % COLORS.length], dash), { data: mean });
+    });
+  }
+
+  function renderCharts(rounds, diagnostics) {
+    const labels = rounds.map((r) => r.server_round);
+    setData(charts.eval, labels, [rounds.map((r) => metric(r, "eval_accuracy")), rounds.map((r) => metric(r, "eval_loss"))]);
+    setData(charts.train, labels, [rounds.map((r) => metric(r, "train_loss"))]);
+    setData(charts.bytes, labels, [rounds.map((r) => r.bytes_down_total), rounds.map((r) => r.bytes_up_total)]);
+    const epsilon = rounds.map((r) => r.epsilon);
+    setData(charts.epsilon, labels, [epsilon]);
+    document.getElementById("epsilon-off").hidden = epsilon.some(f.isNumber);
+    charts.energy.data.labels = diagnostics.map((d) => d.server_round);
+    charts.energy.data.datasets = energyDatasets(diagnostics);
+    charts.energy.update("none");
+    setText("latest-eval-loss", f.formatFixed(lastValue(rounds, (r) => metric(r, "eval_loss")), 4),
+      lastValue(rounds, (r) => metric(r, "eval_loss")));
+    const eps = lastValue(rounds, (r) => r.epsilon);
+    setText("latest-epsilon", eps === null ? "off" : eps.toFixed(3), eps);
+  }
+
+  function renderNodes(nodes) {
+    const rows = nodes.map((node) => {
+      const tr = document.createElement("tr");
+      tr.dataset.nodeId = node.node_id;
+      f.cell(tr, node.node_id, "node-id mono");
+      f.cell(tr, node.name, "name");
+      f.cell(tr, String(node.rank), "num rank", node.rank);
+      f.cell(tr, node.device, "device");
+      f.cell(tr, String(node.last_seen_round), "num last-seen-round", node.last_seen_round);
+      f.cell(tr, f.formatTime(node.last_seen_at), "last-seen-at", node.last_seen_at);
+      f.cell(tr, String(node.rounds_participated), "num rounds-participated", node.rounds_participated);
+      f.cell(tr, String(node.rejected_updates), "num rejected-updates", node.rejected_updates);
+      return tr;
+    });
+    document.querySelector("#nodes-table tbody").replaceChildren(...rows);
+  }
+
+  function renderEnergyTable(diagnostics) {
+    const latest = [...diagnostics].reverse().find((d) => Object.keys(d.modules).length > 0);
+    document.getElementById("energy-none").hidden = Boolean(latest);
+    document.getElementById("energy-table").hidden = !latest;
+    if (!latest) return;
+    setText("energy-round", `(round ${latest.server_round})`);
+    const keys = new Set();
+    Object.values(latest.modules).forEach((values) => Object.keys(values).forEach((key) => keys.add(key)));
+    const order = (key) => (ENERGY_KEY.test(key) ? Number(ENERGY_KEY.exec(key)[1]) : Infinity);
+    const columns = [...keys].sort((a, b) => order(a) - order(b) || a.localeCompare(b));
+    const head = document.createElement("tr");
+    f.cell(head, "Module");
+    columns.forEach((key) => {
+      const match = ENERGY_KEY.exec(key);
+      f.cell(head, match ? `r = ${match[1]}` : key.replace(/_/g, " "), "num");
+    });
+    document.querySelector("#energy-table thead").replaceChildren(head);
+    const rows = Object.keys(latest.modules).sort().map((module) => {
+      const tr = document.createElement("tr");
+      tr.dataset.module = module;
+      f.cell(tr, module, "mono");
+      columns.forEach((key) => f.cell(tr, f.formatFixed(latest.modules[module][key], 3), "num " + key, latest.modules[module][key]));
+      return tr;
+    });
+    document.querySelector("#energy-table tbody").replaceChildren(...rows);
+  }
+
+  function renderRejected(rejected) {
+    const rows = rejected.map((item) => {
+      const tr = document.createElement("tr");
+      f.cell(tr, String(item.server_round), "num");
+      f.cell(tr, item.node_id, "mono");
+      f.cell(tr, item.reason);
+      return tr;
+    });
+    document.querySelector("#rejected-table tbody").replaceChildren(...rows);
+    document.getElementById("rejected-table").hidden = rejected.length === 0;
+    document.getElementById("rejected-none").hidden = rejected.length > 0;
+  }
+
+  async function tick() {
+    const run = await f.fetchJSON(api);
+    const stamp = [run.updated_at, run.status, run.last_round, run.rounds_done, run.has_adapter].join("|");
+    if (stamp !== lastStamp) {
+      const [rounds, nodes, rejected, diagnostics] = await Promise.all(
+        ["/rounds", "/nodes", "/rejected", "/diagnostics"].map((part) => f.fetchJSON(api + part)));
+      renderCharts(rounds, diagnostics);
+      renderNodes(nodes);
+      renderEnergyTable(diagnostics);
+      renderRejected(rejected);
+      document.getElementById("config").textContent = JSON.stringify(run.config, null, 2);
+      document.getElementById("out-dir").textContent = run.out_dir;
+      lastStamp = stamp;
+      renders += 1;
+      document.body.dataset.renders = String(renders);
+      document.body.dataset.lastRound = String(run.last_round);
+    }
+    renderSummary(run);
+    return run.status === "running" ? POLL_RUNNING_MS : POLL_IDLE_MS;
+  }
+
+  initCharts();
+  f.poll(tick);
+})();

@@ -1,0 +1,157 @@
+"""Screenshot the dashboard's run page in headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+    python -m simulations.screenshot_dashboard                         # a synthetic run → docs/dashboard.png
+    python -m simulations.screenshot_dashboard --db runs/fedlora.db --run-id <id> --out docs/dashboard.png
+
+The dashboard runs as a real process (``python -m server.dashboard``) on a free loopback port. The helpers here
+(start the dashboard, launch Chromium) are shared with ``tests/test_dashboard_browser.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Playwright
+
+CHROMIUM = Path(os.environ.get("FEDLORA_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+class ChromiumMissingError(RuntimeError):
+    """Debian's chromium is not installed where the browser checks expect it."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_dashboard(db: Path, port: int, log: IO[bytes], token: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m server.dashboard`` as a separate process and wait until it answers."""
+    command = [sys.executable, "-m", "server.dashboard", "--db", str(db), "--port", str(port)]
+    if token is not None:
+        command += ["--token", token]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/health", process)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with status {process.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the dashboard did not answer {url} within {timeout_s:.0f} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a process this module started, then kill it if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def launch_chromium(playwright: Playwright) -> Browser:
+    """Headless Debian chromium through Playwright; a clear error (never a skip) when it is missing."""
+    if not CHROMIUM.is_file():
+        raise ChromiumMissingError(
+            f"{CHROMIUM} not found: install it with `apt-get update && apt-get install -y chromium` "
+            "(or point FEDLORA_CHROMIUM at a Chromium binary)"
+        )
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def screenshot_run_page(db: Path, run_id: str, out: Path, log: IO[bytes]) -> Path:
+    """Serve ``db``, open ``/runs/<run_id>`` once its charts have drawn, and save a full-page PNG at ``out``."""
+    from urllib.parse import quote
+
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    process = start_dashboard(db, port, log)
+    try:
+        with sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
+            page.goto(f"http://127.0.0.1:{port}/runs/{quote(run_id, safe='')}")
+            page.wait_for_selector("#nodes-table tbody tr")
+            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(out), full_page=True)
+            browser.close()
+    finally:
+        stop(process)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write a synthetic run (unless ``--db`` is given) and screenshot its run page."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.screenshot_dashboard", description=__doc__)
+    parser.add_argument("--db", type=Path, default=None, help="run store to show (default: a synthetic run)")
+    parser.add_argument("--run-id", default=None, help="run to show (default: the newest run)")
+    parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = args.db
+        if db is None:
+            from server.dashboard.demo import write_demo_run
+
+            db = Path(tmp) / "fedlora.db"
+            write_demo_run(db, run_id="demo-minilm-20news", rounds=12)
+        run_id = args.run_id
+        if run_id is None:
+            from server.run_store_queries import RunStoreReader
+
+            runs = RunStoreReader(db).list_runs()
+            if not runs:
+                print(f"no runs in {db}", file=sys.stderr)
+                return 1
+            run_id = runs[0]["run_id"]
+        with (Path(tmp) / "dashboard.log").open("wb") as log:
+            out = screenshot_run_page(db, run_id, args.out, log)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
