@@ -1,0 +1,251 @@
+"""Properties of the DP math: clipping in factored form, the Gaussian mechanism, the central-DP aggregation rules."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from common.aggregation import RULES
+from common.dp import (
+    add_gaussian_noise,
+    clip_factors,
+    clip_update,
+    factor_difference,
+    factors_norm,
+    gaussian_noise_std,
+    make_generator,
+    update_norm,
+)
+from common.dp_aggregation import DP_RULES, dp_mean, dp_mean_svd
+from common.lora import LoRAFactors, frobenius_norm_sq
+
+SEED = 1234
+
+
+def dense_norm(f: LoRAFactors) -> float:
+    """Oracle: ‖s·B·A‖_F from the materialised float64 product."""
+    return float(torch.linalg.matrix_norm(f.scaling * (f.lora_B.double() @ f.lora_A.double())))
+
+
+@st.composite
+def lora_factors(draw: st.DrawFn, dtype: torch.dtype = torch.float64) -> LoRAFactors:
+    out_f, in_f, r = draw(st.integers(1, 7)), draw(st.integers(1, 7)), draw(st.integers(1, 5))
+    scale = draw(st.sampled_from([0.0, 1e-3, 1.0, 30.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    lora_A = scale * torch.randn(r, in_f, generator=g, dtype=dtype)
+    lora_B = scale * torch.randn(out_f, r, generator=g, dtype=dtype)
+    return LoRAFactors(lora_A, lora_B, draw(st.floats(0.05, 8.0)))
+
+
+def random_factors(g: torch.Generator, out_f: int, in_f: int, r: int, scaling: float = 2.0) -> LoRAFactors:
+    return LoRAFactors(torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g), scaling)
+
+
+# --- clipping -------------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(f=lora_factors(), max_norm=st.floats(1e-3, 1e3))
+def test_clipped_norm_is_at_most_c(f: LoRAFactors, max_norm: float) -> None:
+    clipped, norm = clip_factors(f, max_norm)
+
+    assert dense_norm(clipped) <= max_norm * (1 + 1e-6)
+    assert norm == pytest.approx(dense_norm(f), rel=1e-9, abs=1e-12)
+    assert clipped.scaling == f.scaling and torch.equal(clipped.lora_A, f.lora_A)
+
+
+@settings(max_examples=50, deadline=None)
+@given(f=lora_factors(dtype=torch.float32), max_norm=st.floats(1e-2, 1e2))
+def test_clipping_float32_factors_stays_within_c(f: LoRAFactors, max_norm: float) -> None:
+    clipped, _ = clip_factors(f, max_norm)
+
+    assert clipped.lora_B.dtype == torch.float32
+    assert dense_norm(clipped) <= max_norm * (1 + 1e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(f=lora_factors())
+def test_update_below_c_is_unchanged(f: LoRAFactors) -> None:
+    clipped, norm = clip_factors(f, dense_norm(f) * 1.01 + 1e-9)
+
+    assert clipped is f
+    assert norm == pytest.approx(dense_norm(f), rel=1e-9, abs=1e-12)
+
+
+def test_all_zero_update_is_safe() -> None:
+    f = LoRAFactors(torch.zeros(4, 6), torch.zeros(5, 4), 2.0)
+
+    clipped, norm = clip_factors(f, 1.0)
+    joint = clip_update({"q": f}, 1.0, dense={"head": torch.zeros(3)})
+
+    assert norm == 0.0 and clipped is f
+    assert joint.norm == 0.0 and torch.equal(joint.dense["head"], torch.zeros(3))
+
+
+def test_norm_is_stable_when_the_product_cancels() -> None:
+    # B·A = b·(a₁ − a₂)ᵀ is tiny while ‖B‖·‖A‖ is not: the Gram form loses the digits, QR does not.
+    b = torch.tensor([[3.0], [4.0]], dtype=torch.float64)
+    a = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    f = LoRAFactors(torch.cat([a, a + 1e-7]), torch.cat([b, -b], dim=1), 1.0)
+
+    assert factors_norm(f) == pytest.approx(dense_norm(f), rel=1e-6)
+
+
+def test_factored_norm_matches_the_gram_formula() -> None:
+    f = random_factors(torch.Generator().manual_seed(SEED), 9, 11, 3)
+
+    assert factors_norm(f) == pytest.approx(math.sqrt(float(frobenius_norm_sq(f))), rel=1e-5)
+
+
+def test_clip_update_is_joint_over_modules_and_dense_tensors() -> None:
+    g = torch.Generator().manual_seed(SEED)
+    modules = {f"m{k}": random_factors(g, 6, 5, 2) for k in range(3)}
+    head = torch.randn(4, 6, generator=g)
+
+    clipped = clip_update(modules, 1.0, dense={"head": head})
+
+    norms = [dense_norm(f) ** 2 for f in clipped.factors.values()] + [float(clipped.dense["head"].norm()) ** 2]
+    assert math.sqrt(sum(norms)) == pytest.approx(1.0, rel=1e-5)
+    assert clipped.norm == pytest.approx(update_norm(modules, {"head": head}))
+    ratios = [dense_norm(clipped.factors[k]) / dense_norm(modules[k]) for k in modules]
+    assert ratios == pytest.approx([1.0 / clipped.norm] * 3, rel=1e-5)
+
+
+def test_factor_difference_is_the_difference_of_products() -> None:
+    g = torch.Generator().manual_seed(SEED)
+    new, old = random_factors(g, 6, 5, 3, 0.5), random_factors(g, 6, 5, 2, 4.0)
+
+    diff = factor_difference(new, old)
+
+    assert diff.r == 5
+    torch.testing.assert_close(diff.delta(), new.delta() - old.delta())
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_bad_clip_norm_is_named(bad: float) -> None:
+    f = LoRAFactors(torch.ones(1, 2), torch.ones(2, 1), 1.0)
+
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_factors(f, bad)
+
+
+# --- Gaussian mechanism -------------------------------------------------------------------------------------------
+
+
+def test_noise_std_formula() -> None:
+    assert gaussian_noise_std(1.2, 0.5, 4) == pytest.approx(0.15)
+    assert gaussian_noise_std(0.0, 0.5, 4) == 0.0
+    with pytest.raises(ValueError, match="num_clients"):
+        gaussian_noise_std(1.0, 1.0, 0)
+
+
+def test_fixed_seed_reproduces_and_default_seeds_differ() -> None:
+    x = torch.zeros(64)
+
+    same = [add_gaussian_noise(x, 1.0, make_generator(SEED)) for _ in range(2)]
+    fresh = [add_gaussian_noise(x, 1.0, make_generator()) for _ in range(2)]
+
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(fresh[0], fresh[1])
+    assert torch.equal(x, torch.zeros(64)), "add_gaussian_noise must return a new tensor"
+
+
+NOISE_OF = {
+    "svd": lambda a, b: (b @ a).flatten(),
+    "ffa": lambda a, b: b[:, :3].flatten(),
+    "fedavg": lambda a, b: torch.cat([b[:, :3].flatten(), a[:3].flatten()]),
+}
+"""Where each rule's noise lands, for all-zero updates, scaling 1 and a full-rank target."""
+
+
+@pytest.mark.parametrize("rule", sorted(DP_RULES))
+def test_measured_noise_std_is_z_c_over_m(rule: str) -> None:
+    z, c, m = 1.3, 0.7, 5
+    zeros = [(torch.zeros(3, 30, dtype=torch.float64), torch.zeros(400, 3, dtype=torch.float64), 2.0)] * m
+
+    ((lora_A, lora_B),) = DP_RULES[rule](
+        zeros, [(30, 1.0)], noise_multiplier=z, clip_norm=c, generator=make_generator(SEED)
+    )
+
+    assert float(NOISE_OF[rule](lora_A, lora_B).std()) == pytest.approx(z * c / m, rel=0.1)
+
+
+def test_dp_mean_noise_std_and_fixed_denominator() -> None:
+    tensors = [torch.zeros(20_000, dtype=torch.float64)] * 3
+
+    noisy = dp_mean(tensors, noise_multiplier=2.0, clip_norm=1.5, generator=make_generator(SEED), num_clients=10)
+
+    assert float(noisy.std()) == pytest.approx(2.0 * 1.5 / 10, rel=0.1)
+
+
+# --- central DP rules ---------------------------------------------------------------------------------------------
+
+
+def client_factors(g: torch.Generator, ranks: list[int], shared_a: bool = False) -> list[LoRAFactors]:
+    a_shared = torch.randn(max(ranks), 12, generator=g, dtype=torch.float64)
+    factors = []
+    for r in ranks:
+        a = a_shared[:r] if shared_a else torch.randn(r, 12, generator=g, dtype=torch.float64)
+        factors.append(LoRAFactors(a, torch.randn(10, r, generator=g, dtype=torch.float64), 8.0 / r))
+    return factors
+
+
+@pytest.mark.parametrize("rule", sorted(DP_RULES))
+def test_dp_off_equals_the_plain_rule_with_uniform_weights(rule: str) -> None:
+    g = torch.Generator().manual_seed(SEED)
+    ranks = [2, 4, 3]
+    factors = client_factors(g, ranks, shared_a=(rule == "ffa"))
+    clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
+    targets = [(2, 1.0), (4, 0.5)]
+
+    plain = RULES[rule](clients, [1.0, 1.0, 1.0], targets)
+    private = DP_RULES[rule](clients, targets, noise_multiplier=0.0, clip_norm=1e6, generator=make_generator(SEED))
+
+    for (a_p, b_p), (a_d, b_d), (_, s) in zip(plain, private, targets, strict=True):
+        torch.testing.assert_close(s * b_d @ a_d, s * b_p @ a_p)
+
+
+def test_dp_mean_svd_without_noise_is_the_uniform_mean() -> None:
+    g = torch.Generator().manual_seed(SEED)
+    factors = client_factors(g, [2, 3])
+    clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
+
+    svd = dp_mean_svd(clients, noise_multiplier=0.0, clip_norm=1e6, generator=make_generator(SEED), num_clients=4)
+
+    expected = sum(f.delta() for f in factors) / 4
+    torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.V.T, expected)
+    assert bool((svd.S[:-1] >= svd.S[1:]).all())
+
+
+@pytest.mark.parametrize("rule", sorted(DP_RULES))
+def test_unclipped_contribution_is_refused(rule: str) -> None:
+    factors = client_factors(torch.Generator().manual_seed(SEED), [2, 2], shared_a=True)
+    clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
+
+    with pytest.raises(ValueError, match="exceeds clip_norm"):
+        DP_RULES[rule](clients, [(2, 1.0)], noise_multiplier=1.0, clip_norm=1e-3, generator=make_generator(SEED))
+
+
+def test_denominator_below_the_number_of_replies_is_refused() -> None:
+    with pytest.raises(ValueError, match="num_clients"):
+        dp_mean([torch.zeros(2)] * 3, noise_multiplier=1.0, clip_norm=1.0, generator=make_generator(), num_clients=2)
+
+
+def test_clipped_then_noised_svd_round_trip_is_finite_and_seeded() -> None:
+    g = torch.Generator().manual_seed(SEED)
+    updates = [clip_factors(f, 0.5)[0] for f in client_factors(g, [2, 4])]
+    clients = [(f.lora_A.float(), f.lora_B.float(), f.scaling) for f in updates]
+
+    runs = [
+        DP_RULES["svd"](clients, [(4, 2.0)], noise_multiplier=1.0, clip_norm=0.5, generator=make_generator(7))
+        for _ in range(2)
+    ]
+
+    assert all(bool(torch.isfinite(t).all()) for t in runs[0][0])
+    np.testing.assert_array_equal(runs[0][0][1].numpy(), runs[1][0][1].numpy())
