@@ -1,0 +1,150 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+The Compose-spec schema check and ``docker-compose config`` need Debian's ``docker-compose`` package (its schema lives
+in ``compose/config/compose_spec.json``); without it they are skipped. Everything else needs only PyYAML.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+from client.device_options import build_parser as device_parser
+from server.submit import build_parser as submit_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE_SCHEMAS = [Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")]
+DEFAULTS = {"FEDLORA_MODEL": "tiny", "FEDLORA_DATA": "tiny", "FEDLORA_RUN_CONFIG": ""}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load(COMPOSE_FILE.read_text()))
+
+
+def _services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    words = shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+    return [re.sub(r"\$\{(\w+):-[^}]*\}", lambda m: DEFAULTS[m.group(1)], word) for word in words]
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    pairs = (word.split("=", 1) for word in command if word.startswith("--"))
+    return {pair[0]: (pair[1] if len(pair) > 1 else "") for pair in pairs}
+
+
+def test_compose_file_matches_the_compose_spec_schema(compose: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema_path = next((path for path in COMPOSE_SCHEMAS if path.exists()), None)
+    if schema_path is None:
+        pytest.skip("Compose spec schema not found (apt-get install docker-compose)")
+
+    schema = json.loads(schema_path.read_text())
+    errors = [error.message for error in jsonschema.Draft201909Validator(schema).iter_errors(compose)]
+
+    assert errors == []
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_config_accepts_the_file() -> None:
+    done = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_FILE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_image_is_built_by_the_repo_dockerfile(compose: dict[str, Any]) -> None:
+    built = {
+        service["image"]
+        for service in _services(compose).values()
+        if service.get("build") == {"context": ".", "dockerfile": "Dockerfile"}
+    }
+
+    assert DOCKERFILE.is_file()
+    assert all(service.get("image") in built for service in _services(compose).values())
+
+
+def test_dockerfile_is_python_slim_with_pinned_cpu_torch_and_no_secrets() -> None:
+    text = DOCKERFILE.read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
+    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.MULTILINE)
+    assert '"torch==${TORCH_VERSION}"' in text and "whl/cpu" in text
+    assert not re.search(r"^(COPY|ADD)\b.*\b(certs|\.key|\.crt)\b", text, re.MULTILINE)
+    assert {"certs/", "**/*.key"} <= set(ignored)
+
+
+def test_superlink_runs_with_tls_and_node_authentication(compose: dict[str, Any]) -> None:
+    superlink = _services(compose)["superlink"]
+    command = _command(superlink)
+
+    args = _parse_args_run_superlink().parse_args(command[1:])  # flags as flower-superlink 1.42 parses them
+
+    assert command[0] == "flower-superlink"
+    assert args.enable_supernode_auth and not args.insecure
+    assert (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile) == (
+        "/certs/ca.crt",
+        "/certs/superlink.crt",
+        "/certs/superlink.key",
+    )
+    assert "--insecure" not in json.dumps(compose)
+
+
+def test_two_supernodes_with_ranks_2_and_8_on_different_partitions(compose: dict[str, Any]) -> None:
+    nodes = [s for s in _services(compose).values() if _command(s)[:3] == ["python", "-m", "client.device"]]
+
+    parsed = [device_parser().parse_args(_command(node)[3:]) for node in nodes]
+
+    assert sorted(args.rank for args in parsed) == ["2", "8"]
+    assert sorted(args.partition_id for args in parsed) == [0, 1]
+    assert {args.num_partitions for args in parsed} == {2}
+    assert {args.superlink for args in parsed} == {"superlink:9092"}
+    assert len({str(args.key) for args in parsed}) == 1  # each mounts its own key file at the same path
+    keys = [v for node in nodes for v in node["volumes"] if v.endswith(":/certs/node.key:ro")]
+    assert sorted(keys) == ["./certs/node-0.key:/certs/node.key:ro", "./certs/node-1.key:/certs/node.key:ro"]
+
+
+def test_certificates_are_mounted_read_only_and_outputs_use_a_named_volume(compose: dict[str, Any]) -> None:
+    for name, service in _services(compose).items():
+        for volume in service.get("volumes", []):
+            source, target, *mode = volume.split(":")
+            if target.startswith("/certs/"):
+                assert source.startswith("./certs/") and mode == ["ro"], (name, volume)
+
+    superlink = _services(compose)["superlink"]
+    assert "outputs:/outputs" in superlink["volumes"] and superlink["working_dir"] == "/outputs"
+    assert "outputs" in compose["volumes"]
+
+
+def test_nodes_start_after_registration_and_the_coordinator_submits_the_app(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    register = submit_parser().parse_args(_command(services["register"])[3:])
+    coordinator = submit_parser().parse_args(_command(services["coordinator"])[3:])
+
+    assert [p.name for p in register.register] == ["node-0.pub", "node-1.pub"] and register.app is None
+    assert coordinator.app == Path("/app") and coordinator.min_nodes == 2
+    for name in ("supernode-0", "supernode-1", "coordinator"):
+        assert services[name]["depends_on"]["register"]["condition"] == "service_completed_successfully"
+    assert services["register"]["depends_on"]["superlink"]["condition"] == "service_healthy"

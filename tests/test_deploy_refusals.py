@@ -1,0 +1,161 @@
+"""A real SuperLink (TLS + SuperNode authentication) refuses SuperNodes without the CA, with another CA, or with an
+unregistered key; ``fedlora client`` turns each refusal into one line and its exit status.
+
+Every test is bounded: each wait has a timeout, and SIGALRM ends a test that overruns ``TEST_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+from deploy import Deployment, Proc, free_port, wait_until
+
+from server.certs import CertPaths, create_certs
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="process groups, SIGALRM")]
+TEST_TIMEOUT_S = 240
+EXIT_TIMEOUT_S = 120.0
+REFUSED_KEY = 2  # node-2's key is never registered
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    def overrun(_signum: int, _frame: FrameType | None) -> None:
+        raise TimeoutError(f"test ran past {TEST_TIMEOUT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, overrun)
+    signal.alarm(TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with Deployment(tmp_path_factory.mktemp("deploy"), nodes=3) as deployment:
+        deployment.register(0)
+        deployment.register(1)
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return create_certs(tmp_path_factory.mktemp("other-ca"), nodes=0)[0]
+
+
+def _exits_refused(proc: Proc, *expected: str) -> str:
+    """Assert that flower-supernode gave up with Flower's connection-error exit and the log lines given."""
+    assert proc.wait(EXIT_TIMEOUT_S) == 1
+    log = proc.log()
+    assert "Exit Code: 305" in log and "Failed to initialize the connection to the SuperLink." in log
+    for text in expected:
+        assert text in log
+    return log
+
+
+def _client_args(dep: Deployment, node: int, root_cert: Path, superlink: str | None = None) -> list[str]:
+    return [
+        *("--superlink", superlink or dep.address, "--root-cert", str(root_cert)),
+        *("--key", str(dep.certs.nodes[node].private), "--data", "tiny", "--model", "tiny", "--rank", "2"),
+        *("--connect-timeout", "4"),
+    ]
+
+
+def _one_error_line(proc: Proc) -> str:
+    errors = [line for line in proc.log().splitlines() if line.startswith("fedlora client: error:")]
+    assert len(errors) == 1, proc.log()
+    assert "Traceback" not in proc.log()
+    return errors[0]
+
+
+def test_the_public_keys_from_fedlora_certs_register(dep: Deployment) -> None:
+    nodes = {int(node["node-id"]): node["status"] for node in dep.list_nodes()}
+
+    assert nodes == {node_id: "registered" for node_id in dep.registered.values()}
+
+
+def test_registering_a_key_again_is_recognised(dep: Deployment) -> None:
+    assert dep.cli.register(dep.certs.nodes[0].public) is None
+
+
+def test_a_registered_node_with_the_ca_goes_online(dep: Deployment) -> None:
+    proc = dep.start_supernode(0, node_config={"lora-rank": 2, "partition-id": 0, "num-partitions": 2})
+    try:
+        assert dep.wait_online([proc]) == {dep.registered[0]}
+    finally:
+        proc.stop()
+
+
+def test_supernode_without_the_ca_certificate_is_refused(dep: Deployment) -> None:
+    proc = dep.start_supernode(1, root_cert=False, name="no-ca")
+
+    _exits_refused(proc, "CERTIFICATE_VERIFY_FAILED")
+    assert dep.online_node_ids() == set()
+
+
+def test_supernode_with_a_wrong_ca_is_refused(dep: Deployment, other_ca: CertPaths) -> None:
+    proc = dep.start_supernode(1, root_cert=other_ca.ca_cert, name="wrong-ca")
+
+    _exits_refused(proc, "CERTIFICATE_VERIFY_FAILED")
+    assert dep.online_node_ids() == set()
+
+
+def test_supernode_with_an_unregistered_key_is_refused(dep: Deployment) -> None:
+    proc = dep.start_supernode(REFUSED_KEY, name="unregistered")
+
+    _exits_refused(proc, "[code: 2004] Failed to activate SuperNode.")
+    nodes = dep.list_nodes()
+    assert len(nodes) == 2 and all(node["status"] != "online" for node in nodes)
+
+
+def test_fedlora_client_reports_a_wrong_ca_in_one_line(dep: Deployment, other_ca: CertPaths) -> None:
+    proc = dep.start_client(_client_args(dep, 1, other_ca.ca_cert))
+
+    assert proc.wait(EXIT_TIMEOUT_S) == 4
+    assert "is not signed by" in _one_error_line(proc)
+
+
+def test_fedlora_client_reports_an_unregistered_key_in_one_line(dep: Deployment) -> None:
+    proc = dep.start_client(_client_args(dep, REFUSED_KEY, dep.certs.ca_cert))
+
+    assert proc.wait(EXIT_TIMEOUT_S) == 5
+    assert "flwr supernode register node-2.pub" in _one_error_line(proc)
+    assert dep.online_node_ids() == set()
+
+
+def test_fedlora_client_retries_an_unreachable_superlink_then_gives_up(dep: Deployment) -> None:
+    proc = dep.start_client(_client_args(dep, 1, dep.certs.ca_cert, superlink=f"127.0.0.1:{free_port()}"))
+
+    assert proc.wait(EXIT_TIMEOUT_S) == 3
+    assert "gave up after" in _one_error_line(proc)
+    assert "retrying in" in proc.log()
+
+
+def test_fedlora_client_joins_and_stops_cleanly_on_sigterm(dep: Deployment) -> None:
+    proc = dep.start_client([*_client_args(dep, 1, dep.certs.ca_cert), "--partition-id", "1", "--num-partitions", "2"])
+    assert dep.wait_online([proc]) == {dep.registered[1]}
+    proc.remember_descendants()
+
+    os.kill(proc.popen.pid, signal.SIGTERM)  # the client alone: it must forward the signal to flower-supernode
+
+    assert proc.wait(EXIT_TIMEOUT_S) == 0
+    assert "fedlora client: stopped (SIGTERM)" in proc.log()
+    wait_until(lambda: not any(_running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
+    assert dep.online_node_ids() == set()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped by init counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

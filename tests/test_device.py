@@ -1,0 +1,303 @@
+"""``fedlora client`` without a SuperLink: rank table, input validation, node config, failure mapping, TLS probe."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from deploy import free_port
+from flwr.common.config import parse_config_args
+
+from client.device import main, supernode_command
+from client.device_link import FailureKind, classify_supernode_exit, probe_superlink
+from client.device_memory import GIB, auto_rank, free_memory, meminfo_available
+from client.device_options import UsageError, node_config_string, parse_options
+from server.certs import CertPaths, create_certs, issue_server_certificate, pem_certificate, pem_private_key, write_file
+
+# Log tails recorded from flower-supernode 1.42 (ANSI colours as it prints them).
+REFUSED_LOG = [
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 305\n",
+    "Failed to initialize the connection to the SuperLink.\n",
+    "[code: 2004] Failed to activate SuperNode.\n",
+    "The SuperNode could not establish a connection to the SuperLink.\n",
+    "INFO:     Finished server process [7270]\n",
+]
+NO_KEY_LOG = [
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 305\n",
+    "Failed to initialize the connection to the SuperLink.\n",
+    "[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI.\n",
+]
+TLS_LOG = [
+    "\x1b[91mERROR \x1b[0m:     SSL/TLS handshake error detected.\n",
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 305\n",
+    "Failed to initialize the connection to the SuperLink.\n",
+    "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate"
+    " (_ssl.c:1006)\n",
+]
+UNREACHABLE_LOG = [
+    "\x1b[93mWARNING \x1b[0m:   Giving up reconnection after 5.00 seconds and 4 tries.\n",
+    "\x1b[91mERROR \x1b[0m:     Exit Code: 305\n",
+    "Failed to initialize the connection to the SuperLink.\n",
+    "[Errno 111] Connection refused\n",
+]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    return create_certs(tmp_path_factory.mktemp("certs"), nodes=1)[0]
+
+
+def _args(certs: CertPaths, **overrides: str) -> list[str]:
+    values = {
+        "--superlink": "127.0.0.1:9092",
+        "--root-cert": str(certs.ca_cert),
+        "--key": str(certs.nodes[0].private),
+        "--data": "tiny",
+        "--model": "tiny",
+        "--rank": "8",
+        **overrides,
+    }
+    return [item for pair in values.items() for item in pair]
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "rank"),
+    [(0, 2), (0.99, 2), (1, 4), (1.5, 4), (2, 8), (3.9, 8), (4, 16), (8, 32), (15.9, 32), (16, 64), (1024, 64)],
+)
+def test_auto_rank_follows_the_documented_table(free_gib: float, rank: int) -> None:
+    assert auto_rank(int(free_gib * GIB)) == rank
+
+
+def test_auto_rank_never_decreases_with_more_memory() -> None:
+    ranks = [auto_rank(n * GIB // 4) for n in range(0, 200)]
+    assert ranks == sorted(ranks)
+
+
+def test_auto_rank_refuses_negative_memory() -> None:
+    with pytest.raises(ValueError, match="free_bytes must be >= 0, got -1"):
+        auto_rank(-1)
+
+
+def test_meminfo_available_reads_kib() -> None:
+    assert meminfo_available("MemTotal: 100 kB\nMemFree: 10 kB\nMemAvailable: 50 kB\n") == 50 * 1024
+    assert meminfo_available("MemFree: 10 kB\n") == 10 * 1024
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"--rank": "0"}, "--rank must be 'auto' or an integer in 1..1024, got '0'"),
+        ({"--rank": "big"}, "--rank must be 'auto' or an integer"),
+        ({"--superlink": "https://x:9092"}, "without a scheme"),
+        ({"--superlink": "localhost"}, "--superlink must be HOST:PORT"),
+        ({"--superlink": "host:70000"}, "port must be in 1..65535"),
+        ({"--root-cert": "/nonexistent/ca.crt"}, "--root-cert /nonexistent/ca.crt: file not found"),
+        ({"--key": "/nonexistent/node.key"}, "--key /nonexistent/node.key: file not found"),
+        ({"--data": "./missing.jsonl"}, "--data ./missing.jsonl: not found"),
+        ({"--model": "no such preset"}, "neither an existing path nor a preset name"),
+    ],
+)
+def test_invalid_inputs_are_refused_naming_the_value(certs: CertPaths, override: dict[str, str], message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", "\\(").replace(".", "\\.")):
+        parse_options(_args(certs, **override))
+
+
+def test_a_certificate_is_not_a_key_and_a_key_is_not_a_certificate(certs: CertPaths) -> None:
+    with pytest.raises(UsageError, match="not an unencrypted OpenSSH private key"):
+        parse_options(_args(certs, **{"--key": str(certs.ca_cert)}))
+    with pytest.raises(UsageError, match="not a PEM certificate"):
+        parse_options(_args(certs, **{"--root-cert": str(certs.nodes[0].private)}))
+
+
+def test_partition_options_go_together(certs: CertPaths) -> None:
+    with pytest.raises(UsageError, match="go together"):
+        parse_options([*_args(certs), "--partition-id", "0"])
+    with pytest.raises(UsageError, match="0 <= --partition-id < --num-partitions"):
+        parse_options([*_args(certs), "--partition-id", "2", "--num-partitions", "2"])
+
+
+def test_main_logs_one_line_and_exits_2_on_bad_input(certs: CertPaths, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(_args(certs, **{"--rank": "-3"})) == 2
+    assert main(_args(certs, **{"--key": "/nonexistent.key"})) == 2
+
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "error: --rank must be 'auto' or an integer in 1..1024, got '-3'",
+        "error: --key /nonexistent.key: file not found",
+    ]
+
+
+def test_node_config_round_trips_through_flowers_parser(certs: CertPaths, tmp_path: Path) -> None:
+    data = tmp_path / "it's data.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    state = tmp_path / "state dir"
+    opts = parse_options(
+        [*_args(certs, **{"--data": str(data), "--name": "dev 1"}), "--partition-id", "1", "--num-partitions", "3"]
+        + ["--state-dir", str(state)]
+    )
+
+    parsed = parse_config_args([node_config_string(opts.node_config(rank=8))])
+
+    assert parsed == {
+        "lora-rank": 8,
+        "model": "tiny",
+        "data": str(data),
+        "node-name": "dev 1",
+        "partition-id": 1,
+        "num-partitions": 3,
+        "state-dir": str(state),
+    }
+    assert state.is_dir()
+
+
+def test_node_config_refuses_strings_flower_cannot_carry() -> None:
+    with pytest.raises(UsageError, match="both quote kinds"):
+        node_config_string({"model": 'it\'s "quoted"'})
+
+
+def test_supernode_command_has_tls_auth_port_and_node_config(certs: CertPaths) -> None:
+    opts = parse_options(_args(certs, **{"--superlink": "[::1]:9092"}))
+
+    command = supernode_command(opts, rank=4, runtime_port=9999)
+
+    assert command[0].endswith("flower-supernode")
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert flags["--superlink"] == "[::1]:9092"
+    assert flags["--root-certificates"] == str(certs.ca_cert)
+    assert flags["--auth-supernode-private-key"] == str(certs.nodes[0].private)
+    assert flags["--port"] == "9999"
+    assert "lora-rank=4" in flags["--node-config"] and "node-name='node-0'" in flags["--node-config"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "kind", "text"),
+    [
+        (REFUSED_LOG, FailureKind.NODE_REFUSED, "flwr supernode register node-0.pub"),
+        (NO_KEY_LOG, FailureKind.NODE_REFUSED, "code: 2001"),
+        (TLS_LOG, FailureKind.CERTIFICATE, "CERTIFICATE_VERIFY_FAILED"),
+        (UNREACHABLE_LOG, FailureKind.UNREACHABLE, "Connection refused"),
+        (["Exit Code: 606\n", "Incompatible runtime version\n"], FailureKind.FAILED, "Flower exit code 606"),
+    ],
+)
+def test_supernode_exits_map_to_failures(lines: list[str], kind: FailureKind, text: str) -> None:
+    failure = classify_supernode_exit(1, lines, Path("/k/node-0.key"), stopping=False)
+
+    assert failure is not None and failure.kind is kind
+    assert text in failure.message and "\n" not in failure.message
+    assert failure.kind.retry == (kind is FailureKind.UNREACHABLE)
+
+
+def test_a_requested_stop_is_not_a_failure_and_an_unrequested_one_is() -> None:
+    assert classify_supernode_exit(0, [], Path("k.key"), stopping=True) is None
+    unrequested = classify_supernode_exit(0, ["SuperNode terminated gracefully.\n"], Path("k.key"), stopping=False)
+    assert unrequested is not None and "unregister" in unrequested.message
+
+
+@contextmanager
+def tls_server(cert: Path, key: Path) -> Iterator[int]:
+    """Serve TLS handshakes on 127.0.0.1 with ``cert`` until the block ends; yield the port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_probe_accepts_the_right_ca(certs: CertPaths) -> None:
+    with tls_server(certs.server_cert, certs.server_key) as port:
+        assert probe_superlink("127.0.0.1", port, certs.ca_cert, timeout=5) is None
+        assert probe_superlink("localhost", port, certs.ca_cert, timeout=5) is None
+
+
+def test_probe_reports_a_wrong_ca(certs: CertPaths, tmp_path: Path) -> None:
+    other = create_certs(tmp_path, nodes=0)[0]
+    with tls_server(certs.server_cert, certs.server_key) as port:
+        failure = probe_superlink("127.0.0.1", port, other.ca_cert, timeout=5)
+
+    assert failure is not None and failure.kind is FailureKind.CERTIFICATE
+    assert "is not signed by" in failure.message
+
+
+def test_probe_reports_a_certificate_for_another_host(certs: CertPaths, tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca_key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    key, cert = issue_server_certificate(ca_key, ca_cert, ["other.example"])  # type: ignore[arg-type]
+    write_file(tmp_path / "s.crt", pem_certificate(cert), private=False, overwrite=False)
+    write_file(tmp_path / "s.key", pem_private_key(key), private=True, overwrite=False)
+
+    with tls_server(tmp_path / "s.crt", tmp_path / "s.key") as port:
+        failure = probe_superlink("127.0.0.1", port, certs.ca_cert, timeout=5)
+
+    assert failure is not None and failure.kind is FailureKind.CERTIFICATE
+    assert "not valid for '127.0.0.1'" in failure.message and "other.example" in failure.message
+
+
+def test_probe_reports_nothing_listening_as_unreachable(certs: CertPaths) -> None:
+    failure = probe_superlink("127.0.0.1", free_port(), certs.ca_cert, timeout=5)
+
+    assert failure is not None and failure.kind is FailureKind.UNREACHABLE and failure.kind.retry
+
+
+class _FakeCuda:
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    def mem_get_info(device: int = 0) -> tuple[int, int]:
+        return 3 * GIB, 80 * GIB
+
+    @staticmethod
+    def get_device_name(device: int = 0) -> str:
+        return "Fake GPU"
+
+
+def test_free_memory_prefers_free_cuda_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_torch = types.SimpleNamespace(cuda=_FakeCuda())
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+
+    free, where = free_memory()
+
+    assert free == 3 * GIB and "CUDA device 0 (Fake GPU)" in where
+    assert auto_rank(free) == 8
+
+
+def test_free_memory_falls_back_to_available_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_cuda = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", no_cuda)
+
+    free, where = free_memory()
+
+    assert free > 0 and where == "available system RAM"
