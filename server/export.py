@@ -1,0 +1,99 @@
+"""Writing the global adapter as a standard PEFT folder, and the per-round plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from common.config import RunConfig
+from common.updates import AdapterFactors
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temporary file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def save_peft_adapter(folder: Path, adapter: AdapterFactors, rank: int, cfg: RunConfig, base_model: str) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that stock ``PeftModel.from_pretrained`` loads."""
+    from peft import LoraConfig
+
+    targets = sorted({module.rsplit(".", 1)[-1] for module in adapter.lora})
+    head_modules = sorted({key.removeprefix("base_model.model.").rsplit(".", 1)[0] for key in adapter.head})
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+        use_rslora=cfg.use_rslora,
+        target_modules=targets,
+        modules_to_save=head_modules or None,
+        task_type="SEQ_CLS",
+        base_model_name_or_path=base_model,
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    config.save_pretrained(str(staging))
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.to_state_dict().items()}
+    save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return folder
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy and loss per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(rounds, [r.get("eval_accuracy") for r in rows], marker="o", label="eval accuracy")
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="Held-out accuracy (weighted over nodes)")
+    ax_acc.set_ylim(0, 1)
+    ax_loss.plot(rounds, [r.get("eval_loss") for r in rows], marker="o", label="eval loss")
+    ax_loss.plot(rounds, [r.get("train_loss") for r in rows], marker="s", label="train loss")
+    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    ax_loss.legend()
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_metrics(rows: Sequence[dict[str, Any]], folder: Path) -> None:
+    """``metrics.json`` and ``metrics.csv`` with one row per round (round 0 = the untrained model)."""
+    import csv
+    import io
+
+    write_json_atomic(folder / "metrics.json", list(rows))
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(folder / "metrics.csv", buffer.getvalue())

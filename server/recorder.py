@@ -1,0 +1,165 @@
+"""Everything a run leaves behind: metrics files, checkpoints, the run store, the plot and the PEFT adapter."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.supercore import log
+
+from common.config import RunConfig
+from common.updates import AdapterFactors, NodeInfo
+from server.checkpoint import prune_checkpoints, save_checkpoint
+from server.export import plot_metrics, save_peft_adapter, write_json_atomic, write_metrics
+from server.run_store import RoundRecord, RunStore
+
+
+@dataclass
+class RoundLog:
+    """What the strategy collects during one round."""
+
+    round: int
+    started: float = field(default_factory=time.time)
+    participants: list[int] = field(default_factory=list)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    aggregation_seconds: float = 0.0
+    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    skipped: str | None = None
+    epsilon: float | None = None
+
+
+class Checkpointable(Protocol):
+    """What the recorder needs from the strategy to checkpoint it."""
+
+    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
+
+
+def mean_energy(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Average each diagnostic over modules (one number per rank for the CSV)."""
+    keys = sorted({k for row in diagnostics.values() for k in row})
+    return {k: float(np.mean([row[k] for row in diagnostics.values() if k in row])) for k in keys}
+
+
+class RunRecorder:
+    """Writes a run's outputs under ``out_dir`` and its rows into the SQLite run store."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, run_id: str, store_path: Path, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.run_id = run_id
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", {"run-id": run_id, **cfg.to_mapping()})
+        self.store = RunStore(store_path)
+        self.store.start_run(
+            run_id, cfg.to_mapping(), rounds_planned=cfg.num_rounds, out_dir=str(out_dir.resolve()), resume=resume
+        )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the per-round checkpoints go."""
+        return self.out_dir / "checkpoints"
+
+    def node_seen(self, node_id: int, info: NodeInfo, server_round: int) -> None:
+        """Record a node (rank, device, name) in the run store."""
+        self.store.upsert_node(self.run_id, node_id, info.rank, info.device, info.name, server_round)
+
+    def record_round(self, entry: RoundLog, strategy: Checkpointable) -> None:
+        """Append the round's row, rewrite the metrics files, checkpoint, and commit the round to the store."""
+        row: dict[str, Any] = {
+            "round": entry.round,
+            "eval_accuracy": entry.metrics.get("eval-accuracy"),
+            "eval_loss": entry.metrics.get("eval-loss"),
+            "train_loss": entry.metrics.get("train-loss"),
+            "participants": len(entry.participants),
+            "rejected": len(entry.rejected),
+            "bytes_down": sum(entry.bytes_down.values()),
+            "bytes_up": sum(entry.bytes_up.values()),
+            "bytes_up_per_node": int(np.mean(list(entry.bytes_up.values()))) if entry.bytes_up else 0,
+            "aggregation_seconds": round(entry.aggregation_seconds, 6),
+            "round_seconds": round(time.time() - entry.started, 3),
+            "epsilon": entry.epsilon,
+            "skipped": entry.skipped or "",
+            **{f"mean_{k}": round(v, 6) for k, v in mean_energy(entry.diagnostics).items()},
+        }
+        self.rows = [r for r in self.rows if r["round"] < entry.round] + [row]
+        write_metrics(self.rows, self.out_dir)
+        checkpoint = None
+        if entry.round > 0:
+            arrays, meta = strategy.checkpoint_state()
+            meta["metrics"] = self.rows
+            checkpoint = save_checkpoint(self.checkpoint_dir, entry.round, arrays, meta)
+            prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        self.store.record_round(self.run_id, _store_record(entry, checkpoint))
+        self._progress(row)
+
+    def _progress(self, row: dict[str, Any]) -> None:
+        accuracy = row["eval_accuracy"]
+        parts = [
+            f"round {row['round']}/{self.cfg.num_rounds}",
+            f"accuracy {accuracy:.3f}" if accuracy is not None else "accuracy n/a",
+            f"train loss {row['train_loss']:.3f}" if row["train_loss"] is not None else "",
+            f"up {row['bytes_up'] / 1e6:.2f} MB" if row["bytes_up"] else "",
+            f"{row['rejected']} rejected" if row["rejected"] else "",
+            f"skipped: {row['skipped']}" if row["skipped"] else "",
+            f"{time.time() - self.started:.0f} s",
+        ]
+        log(INFO, "fedlora | %s", " | ".join(p for p in parts if p))
+
+    def finish(self, adapter: AdapterFactors | None, rank: int, status: str = "completed") -> Path | None:
+        """Export the adapter (PEFT folder), the plot and the summary; mark the run finished in the store."""
+        adapter_path = None
+        if adapter is not None:
+            adapter_path = save_peft_adapter(self.out_dir / "adapter", adapter, rank, self.cfg, self.cfg.model)
+        if self.rows:
+            plot_metrics(self.rows, self.out_dir / "metrics.png", f"fedlora · rule {self.cfg.rule}")
+        self._summary(adapter_path, rank)
+        self.store.finish_run(self.run_id, status, str(adapter_path.resolve()) if adapter_path else None)
+        return adapter_path
+
+    def _summary(self, adapter_path: Path | None, rank: int) -> None:
+        final = self.rows[-1] if self.rows else {}
+        first = self.rows[0] if self.rows else {}
+        lines = [
+            f"rule: {self.cfg.rule}    rounds: {final.get('round', 0)}",
+            f"model: {self.cfg.model}    task: {self.cfg.task}",
+            f"round-0 accuracy: {_fmt(first.get('eval_accuracy'))}",
+            f"final accuracy:   {_fmt(final.get('eval_accuracy'))}",
+            f"final eval loss:  {_fmt(final.get('eval_loss'))}",
+            f"bytes up (all rounds):   {sum(r['bytes_up'] for r in self.rows):,}",
+            f"bytes down (all rounds): {sum(r['bytes_down'] for r in self.rows):,}",
+            f"wall time: {time.time() - self.started:.0f} s",
+            f"adapter: {adapter_path} (rank {rank})" if adapter_path else "adapter: none (no round completed)",
+        ]
+        (self.out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+
+
+def _store_record(entry: RoundLog, checkpoint: Path | None) -> RoundRecord:
+    metrics = {k.replace("-", "_"): v for k, v in entry.metrics.items()}
+    if entry.skipped:
+        log(WARNING, "round %d recorded as skipped", entry.round)
+    return RoundRecord(
+        server_round=entry.round,
+        metrics=metrics,
+        bytes_down=entry.bytes_down,
+        bytes_up=entry.bytes_up,
+        participants=entry.participants,
+        aggregation_seconds=entry.aggregation_seconds,
+        diagnostics=entry.diagnostics,
+        epsilon=entry.epsilon,
+        rejected=entry.rejected,
+        checkpoint_path=str(checkpoint.resolve()) if checkpoint else None,
+    )
