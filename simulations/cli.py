@@ -1,0 +1,62 @@
+"""The ``fedlora`` command: one entry point for every command a user types."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from simulations import simulate
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that passes the remaining arguments to ``module.main(argv)`` (imported only when used)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        main: Callable[[list[str]], int] = importlib.import_module(module).main
+        return main(list(args.rest))
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedlora`` parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    simulate.add_parsers(subparsers)
+    from simulations import centralized
+
+    centralized.add_parser(subparsers)
+    for name, module, text in (
+        ("dashboard", "server.dashboard.cli", "serve the coordinator dashboard over a run store"),
+        ("certs", "server.certs", "create a CA, SuperLink certificate and node keys"),
+        ("client", "client.device", "join a federation from this device (starts a SuperNode)"),
+    ):
+        sub = subparsers.add_parser(name, help=text, add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(handler=_delegate(module))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a ``fedlora`` command; expected errors become one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except EXPECTED_ERRORS as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Run the fedlora Flower app on Flower's simulation engine, with a private SuperLink that never outlives us.
+
+``flwr run .`` alone starts a detached local SuperLink that outlives the run and exits 0 even when the run failed.
+Here we start our own ``flower-superlink --simulation`` on free loopback ports with a throw-away ``FLWR_HOME``,
+submit the run with ``flwr run --stream``, read the run's final status with ``flwr ls --format json``, and stop the
+SuperLink and every process under it (Ray included) on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+CONNECTION = "fedlora-sim"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+class LaunchError(RuntimeError):
+    """The simulation could not be started or did not complete; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a submitted run ended."""
+
+    run_id: str
+    status: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower's CLI tools: project-local home, no telemetry, no runtime dependency installs."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONUNBUFFERED": "1",
+            # Flower's processes start one another by name (flower-superexec, flwr-simulation).
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        }
+    )
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def stop_process_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL whatever is left after ``grace`` seconds."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@contextmanager
+def private_superlink(flwr_home: Path, log_path: Path, startup_timeout: float = 60.0) -> Iterator[str]:
+    """Start ``flower-superlink --simulation`` on a free port; yield its address; stop it and its children."""
+    port, health = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    command = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation=subprocess",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--health-server-address=127.0.0.1:{health}",
+        f"--database={flwr_home / 'superlink.db'}",
+        "--disable-runtime-dependency-installation",
+    ]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            command, env=flower_env(flwr_home), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_healthy(proc, port, startup_timeout, log_path)
+        yield address
+    finally:
+        stop_process_tree(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen[Any], port: int, timeout: float, log_path: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise LaunchError(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log_path}")
+
+
+def write_connection(flwr_home: Path, address: str) -> None:
+    """Point Flower's CLI at our SuperLink."""
+    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, "insecure": True}}}
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+
+
+def run_simulation(
+    run_config: Mapping[str, Any],
+    num_nodes: int,
+    log_dir: Path,
+    on_line: Callable[[str], None],
+    cpus_per_node: int = 2,
+) -> RunOutcome:
+    """Submit the fedlora app with ``run_config`` to a private simulation SuperLink and wait for it to end."""
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-"))
+    started = time.monotonic()
+    try:
+        with private_superlink(flwr_home, log_dir / "superlink.log") as address:
+            write_connection(flwr_home, address)
+            config_file = flwr_home / "run-config.toml"
+            config_file.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
+            federation = f"num_supernodes={num_nodes} client_resources_num_cpus={cpus_per_node}"
+            command = [
+                _bin("flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream",
+                "--run-config", str(config_file), "--federation-config", federation,
+            ]  # fmt: skip
+            _stream(command, flwr_home, log_dir / "flwr.log", on_line)
+            return RunOutcome(*_last_run_status(flwr_home), seconds=time.monotonic() - started)
+    finally:
+        shutil.rmtree(flwr_home, ignore_errors=True)
+
+
+def _stream(command: list[str], flwr_home: Path, log_path: Path, on_line: Callable[[str], None]) -> None:
+    with log_path.open("a", encoding="utf-8") as log_file:
+        proc = subprocess.Popen(
+            command, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log_file.write(line)
+                log_file.flush()
+                on_line(line.rstrip("\n"))
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                stop_process_tree(proc)
+
+
+def _last_run_status(flwr_home: Path) -> tuple[str, str]:
+    """(run id, status) of the newest run on our SuperLink, from ``flwr ls --format json``."""
+    done = subprocess.run(
+        [_bin("flwr"), "ls", CONNECTION, "--format", "json"],
+        env=flower_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        runs = json.loads(done.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        raise LaunchError(f"could not read the run status from `flwr ls`: {done.stdout or done.stderr}") from None
+    if not runs:
+        raise LaunchError("the SuperLink knows no run: the submission failed (see flwr.log)")
+    newest = max(runs, key=lambda r: str(r.get("pending-at", "")))
+    return str(newest["run-id"]), str(newest["status"])

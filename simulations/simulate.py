@@ -1,0 +1,185 @@
+"""``fedlora simulate`` and ``fedlora resume``: the default federated task on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from simulations.launcher import PROJECT_DIR, run_simulation
+
+LAUNCHER_KEYS = ("num-nodes",)
+"""Overlay keys that configure the launcher rather than the Flower run."""
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the CLI prints the message on one line and exits 2."""
+
+
+def app_defaults() -> dict[str, Any]:
+    """The run config declared in ``[tool.flwr.app.config]`` of the project's pyproject.toml."""
+    with (PROJECT_DIR / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def read_overlay(path: Path) -> dict[str, Any]:
+    """A flat TOML file of kebab-case keys (an experiment overlay)."""
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        with path.open("rb") as handle:
+            return dict(tomllib.load(handle))
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def merged_config(overlay: dict[str, Any], flags: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """Defaults ← overlay ← flags; returns the run config and the launcher's node count (if set)."""
+    defaults = app_defaults()
+    merged = dict(defaults)
+    num_nodes = None
+    for source in (overlay, flags):
+        for key, value in source.items():
+            if key in LAUNCHER_KEYS:
+                num_nodes = int(value)
+            elif key not in defaults:
+                raise UsageError(f"unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+            else:
+                merged[key] = value
+    return merged, num_nodes
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail fast, before any process starts, on a model or data source that cannot be found."""
+    from client.data import is_local_file
+    from client.model import PRESETS, resolve_model
+    from simulations.tasks import load_task
+
+    if cfg.model not in PRESETS:
+        resolve_model(cfg.model)
+    if is_local_file(cfg.task):
+        if not Path(cfg.task).is_file():
+            raise FileNotFoundError(f"data file {cfg.task} does not exist")
+    else:
+        load_task(cfg.task)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``simulate`` and ``centralized``."""
+    parser.add_argument("--config", type=Path, help="TOML overlay of run-config keys (see simulations/experiments/)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
+    parser.add_argument("--rule", help="aggregation rule: svd, fedavg or ffa")
+    parser.add_argument("--seed", type=int, help="seed for partitions, initialisation and sampling")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/<timestamp>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run-config key")
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys set by flags."""
+    flags: dict[str, Any] = {}
+    for key, name in (("num-rounds", "rounds"), ("rule", "rule"), ("seed", "seed")):
+        if getattr(args, name, None) is not None:
+            flags[key] = getattr(args, name)
+    if getattr(args, "nodes", None) is not None:
+        flags["num-nodes"] = args.nodes
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            flags[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            flags[key.strip()] = value
+    return flags
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], int]:
+    """Parse and validate everything a run needs; returns the typed config, the raw mapping and the node count."""
+    overlay = read_overlay(args.config) if args.config else {}
+    merged, num_nodes = merged_config(overlay, flag_values(args))
+    out = args.out or Path(time.strftime("runs/%Y%m%d-%H%M%S"))
+    merged["out-dir"] = str(out.resolve())
+    cfg = RunConfig.from_mapping(merged)
+    check_inputs(cfg)
+    nodes = num_nodes if num_nodes is not None else len(cfg.node_ranks)
+    if nodes < 1:
+        raise UsageError(f"--nodes must be at least 1, got {nodes}")
+    if nodes < cfg.min_nodes:
+        raise UsageError(f"--nodes {nodes} is fewer than min-nodes {cfg.min_nodes}")
+    return cfg, merged, nodes
+
+
+def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool) -> int:
+    """Run the federation, echoing per-round progress; 0 when the run completed."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "launch.json").write_text(json.dumps({"num-nodes": nodes}) + "\n", encoding="utf-8")
+    print(f"fedlora: {nodes} nodes, rule {cfg.rule}, {cfg.num_rounds} rounds, model {cfg.model}, task {cfg.task}")
+    print(f"fedlora: outputs in {out_dir} (Flower logs: {out_dir / 'flwr.log'})", flush=True)
+
+    def on_line(line: str) -> None:
+        if verbose or "fedlora |" in line or "ERROR" in line or "Traceback" in line:
+            print(line.split("fedlora | ", 1)[-1] if not verbose and "fedlora |" in line else line, flush=True)
+
+    outcome = run_simulation(merged, nodes, out_dir, on_line)
+    summary = out_dir / "summary.txt"
+    if outcome.ok and summary.is_file():
+        print(summary.read_text(encoding="utf-8"), end="")
+    print(f"fedlora: run {outcome.run_id} {outcome.status} in {outcome.seconds:.0f} s", flush=True)
+    return 0 if outcome.ok else 1
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """``fedlora simulate``."""
+    cfg, merged, nodes = resolve_run(args)
+    if args.store:
+        merged["store"] = str(Path(args.store).resolve())
+    return launch(RunConfig.from_mapping(merged), merged, nodes, args.verbose)
+
+
+def resume(args: argparse.Namespace) -> int:
+    """``fedlora resume RUN_DIR``: continue a run from its last complete checkpoint."""
+    run_dir = Path(args.run_dir).resolve()
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise UsageError(f"{run_dir} is not a fedlora run folder (no config.json)")
+    merged = json.loads(saved.read_text(encoding="utf-8"))
+    merged.pop("run-id", None)
+    merged.update({"resume": True, "out-dir": str(run_dir)})
+    if not any((run_dir / "checkpoints").glob("round-*.ckpt")):
+        raise UsageError(f"{run_dir} has no checkpoint to resume from")
+    launch_file = run_dir / "launch.json"
+    previous = json.loads(launch_file.read_text(encoding="utf-8")) if launch_file.is_file() else {}
+    nodes = args.nodes or int(previous.get("num-nodes", len(RunConfig.from_mapping(merged).node_ranks)))
+    return launch(RunConfig.from_mapping(merged), merged, nodes, args.verbose)
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``simulate`` and ``resume``."""
+    sim = subparsers.add_parser("simulate", help="run a federated simulation on this machine")
+    add_run_flags(sim)
+    sim.add_argument("--nodes", type=int, help="simulated nodes (default: one per entry of node-ranks)")
+    sim.add_argument("--store", help="SQLite run store (default: fedlora.db next to the run folder)")
+    sim.add_argument("--resume", dest="resume_dir", type=Path, help="continue this run folder instead")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's full log")
+    sim.set_defaults(handler=lambda a: resume_from(a) if a.resume_dir else simulate(a))
+    res = subparsers.add_parser("resume", help="continue a run from its last complete checkpoint")
+    res.add_argument("run_dir", help="the run folder (it holds config.json and checkpoints/)")
+    res.add_argument("--nodes", type=int, help="simulated nodes (default: as before)")
+    res.add_argument("--verbose", action="store_true", help="show Flower's full log")
+    res.set_defaults(handler=resume)
+
+
+def resume_from(args: argparse.Namespace) -> int:
+    """``fedlora simulate --resume RUN_DIR``."""
+    args.run_dir = args.resume_dir
+    return resume(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the `fedlora simulate` command")

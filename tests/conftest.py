@@ -1,0 +1,87 @@
+"""Shared fixtures: a seed, and one small real Flower simulation that several tests read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TINY_SETTINGS: dict[str, Any] = {
+    "model": "tiny",
+    "task": "tiny",
+    "node-ranks": "2,4,8",
+    "local-steps": 15,
+    "learning-rate": 0.02,
+    "max-length": 16,
+    "num-rounds": 2,
+}
+"""A 3-node, 2-round run of the tiny model on the tiny task (tens of seconds)."""
+
+
+@dataclass(frozen=True)
+class SimulationRun:
+    """A finished ``fedlora simulate`` run."""
+
+    out_dir: Path
+    store: Path
+    audit_dir: Path
+    returncode: int
+    output: str
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return json.loads((self.out_dir / "metrics.json").read_text())
+
+    def audit(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for p in sorted(self.audit_dir.glob("*.jsonl")) for line in p.read_text().splitlines()]
+
+
+def fedlora_command(*args: str) -> list[str]:
+    """The ``fedlora`` console script of this environment."""
+    return [str(Path(sys.executable).parent / "fedlora"), *args]
+
+
+def run_fedlora(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fedlora ARGS`` as a real process and capture its output."""
+    return subprocess.run(
+        fedlora_command(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def settings_flags(settings: dict[str, Any]) -> list[str]:
+    """``--set key=value`` flags (TOML values)."""
+    flags = []
+    for key, value in settings.items():
+        flags += ["--set", f"{key}={json.dumps(value)}"]
+    return flags
+
+
+def simulate(tmp: Path, nodes: int = 3, **overrides: Any) -> SimulationRun:
+    """Run a real ``fedlora simulate`` of the tiny task into ``tmp``."""
+    settings = {**TINY_SETTINGS, **overrides, "audit-dir": str(tmp / "audit")}
+    done = run_fedlora(
+        "simulate", "--nodes", str(nodes), "--out", str(tmp / "run"), "--store", str(tmp / "fedlora.db"),
+        *settings_flags(settings),
+    )  # fmt: skip
+    return SimulationRun(tmp / "run", tmp / "fedlora.db", tmp / "audit", done.returncode, done.stdout + done.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_simulation(tmp_path_factory: pytest.TempPathFactory) -> SimulationRun:
+    """One real 3-node, 2-round simulation (ranks 2, 4, 8; svd rule) shared by the tests that only read it."""
+    run = simulate(tmp_path_factory.mktemp("tiny-simulation"))
+    assert run.returncode == 0, run.output[-4000:]
+    return run
+
+
+@pytest.fixture
+def seed() -> int:
+    """The seed tests use for their own random draws."""
+    return 1234
