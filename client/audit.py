@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -18,7 +19,7 @@ AUDIT_DIR = "audit-dir"
 
 
 def describe(message: Message) -> list[dict[str, Any]]:
-    """Name, dtype, shape and bytes of every array in a message's content."""
+    """Name, dtype, shape, raw bytes and serialised bytes of every array in a message's content."""
     if message.has_error():
         return []
     arrays = []
@@ -26,14 +27,17 @@ def describe(message: Message) -> list[dict[str, Any]]:
         if isinstance(record, ArrayRecord):
             for key in record.keys():
                 array = record[key]
+                shape = list(array.shape)
+                itemsize = np.dtype(array.dtype).itemsize
                 arrays.append(
                     {
                         "record": record_name,
                         "key": key,
                         "dtype": array.dtype,
-                        "shape": list(array.shape),
-                        "nbytes": len(array.data),
-                    }  # fmt: skip
+                        "shape": shape,
+                        "nbytes": int(np.prod(shape, dtype=np.int64)) * itemsize,
+                        "wire_bytes": len(array.data),
+                    }
                 )
     return arrays
 

@@ -26,6 +26,8 @@ class RoundAggregate:
 
     seconds: float
     diagnostics: dict[str, dict[str, float]]
+    epsilon: float | None = None
+    """Cumulative ε of central DP after this aggregation (None without central DP)."""
 
 
 @dataclass

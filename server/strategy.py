@@ -86,6 +86,8 @@ class LoRAStrategy(FedAvg):
         self.pending.aggregation_seconds = result.seconds
         self.pending.diagnostics = result.diagnostics
         self.pending.metrics.update(_weighted(list(ordered), "train-loss"))
+        node_epsilons = [r.metrics["epsilon"] for r in ordered if "epsilon" in r.metrics]
+        self.pending.epsilon = result.epsilon if result.epsilon is not None else max(node_epsilons, default=None)
         return ArrayRecord(), MetricRecord(dict(self.pending.metrics.items()))
 
     def configure_evaluate(

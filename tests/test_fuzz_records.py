@@ -2,7 +2,7 @@
 
 Property: decoding a record and validating what comes out either returns a value, ``None`` or a reason, or raises
 ``RecordError`` (a ``ValueError``); never any other exception. Arrays stay tiny so ~1,100 cases run in seconds.
-Cases that the codec still crashes on are fuzzed separately under ``xfail(strict=True)`` until it is fixed.
+Inputs that once crashed the codec are fuzzed as regression tests at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 from typing import Any
 
 import numpy as np
-import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
@@ -180,7 +179,7 @@ def train_replies(draw: st.DrawFn, rank: int) -> RecordDict:
     plan = Plan(draw)
     drawn = {k: draw(NUMBER) for k in draw(METRIC_KEYS)}
     drawn |= config(draw, plan, {records.NUM_EXAMPLES: NUM_EXAMPLES_VALUE})
-    # MetricRecord itself refuses other types; lists, which it accepts, are fuzzed under xfail below
+    # MetricRecord itself refuses other types; lists, which it accepts, are fuzzed at the end of this file
     metrics: dict[str, Any] = {k: v for k, v in drawn.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     node = config(draw, plan, {records.RANK: rank, records.SCALING: GOOD_SCALING, records.NODE_NAME: TEXT})
     slots = {
@@ -255,7 +254,7 @@ def test_fuzz_evaluate_and_query_replies_decode_or_raise_record_error(data: st.D
                 decode_one(value)
 
 
-# Known codec crashes, kept failing on purpose (strict xfail) until common/records.py is fixed; each reason says how.
+# Codec crashes the fuzzer once found (list-valued metrics, integers beyond int64); kept as regression tests.
 def _good_reply(metrics: dict[str, Any], node: dict[str, Any]) -> RecordDict:
     adapter = {"m.q" + LORA_A_SUFFIX: np.ones((2, 5), np.float32), "m.q" + LORA_B_SUFFIX: np.ones((4, 2), np.float32)}
     return RecordDict(
@@ -267,13 +266,6 @@ def _good_reply(metrics: dict[str, Any], node: dict[str, Any]) -> RecordDict:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="records.decode_train_reply/decode_evaluate_reply call float() on every metric, but MetricRecord also "
-    "allows list[int] and list[float] values: TypeError instead of RecordError. Fix: refuse non-scalar metrics "
-    "with RecordError (or keep lists as lists)",
-)
 @settings(max_examples=20, phases=[Phase.generate], **FUZZ)
 @given(value=st.one_of(st.lists(st.integers(-5, 5), max_size=3), st.lists(st.floats(), max_size=3)))
 def test_fuzz_list_metric_raises_record_error(value: list[Any]) -> None:
@@ -281,13 +273,6 @@ def test_fuzz_list_metric_raises_record_error(value: list[Any]) -> None:
         records.decode_train_reply(_good_reply({"loss": value}, {}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, OverflowError),
-    reason="records._number calls np.isfinite on Python ints >= 2**64 (TypeError), and float() on ints beyond the "
-    "float range overflows (OverflowError); in-memory records accept such ints. Fix: check finiteness with "
-    "math.isfinite on floats only and convert inside try/except (OverflowError) → RecordError",
-)
 @settings(max_examples=20, phases=[Phase.generate], **FUZZ)
 @given(
     value=st.one_of(st.integers(min_value=2**64), st.integers(max_value=-(2**64))),
