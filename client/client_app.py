@@ -6,11 +6,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.faults import fault_mod
 from client.node import NodeSettings, evaluate_node, node_info, train_node
 from common import records
 from common.config import RunConfig
 
-app = ClientApp(mods=[audit_mod])
+app = ClientApp(mods=[audit_mod, fault_mod])
 
 
 def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:

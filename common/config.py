@@ -103,6 +103,8 @@ class RunConfig:
     """Reject an update that claims more training examples than this."""
     audit_dir: str = ""
     """When set, every node appends what it received and sent (array names, shapes, bytes) to a JSONL file here."""
+    inject_faults: str = ""
+    """Fault injection for drills and tests, e.g. ``partition-1:raise@2`` (see client/faults.py)."""
     resume: bool = False
     """Continue the run in ``out-dir`` from its last complete checkpoint."""
     keep_checkpoints: int = 3

@@ -158,6 +158,13 @@ def decode_query_reply(content: RecordDict) -> NodeInfo:
     return decode_node_info(_get(content, NODE, ConfigRecord))
 
 
+def server_round_of(content: RecordDict) -> int | None:
+    """The ``server-round`` of an instruction, or None when the record does not carry one."""
+    config = content.get(CONFIG)
+    value = config.get(SERVER_ROUND) if isinstance(config, ConfigRecord) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def record_nbytes(content: RecordDict) -> int:
     """Bytes of every array in a RecordDict (what the factors cost on the wire, before framing)."""
     total = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +93,13 @@ class GlobalAdapter:
     def export(self, rank: int, lora_alpha: float, use_rslora: bool) -> AdapterFactors | None:
         """The global adapter at ``rank`` with peft's scaling for that rank (what a PEFT folder stores)."""
         return self.serve(rank, lora_scaling(lora_alpha, rank, use_rslora))
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-safe state besides the arrays (e.g. a privacy accountant) for the checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``extra_state``."""
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for a checkpoint."""

@@ -33,6 +33,11 @@ def store_path(cfg: RunConfig, out_dir: Path) -> Path:
 def main(grid: Grid, context: Context) -> None:
     """Round 0 evaluation, ``num-rounds`` federated rounds (or the rest of them on resume), then the adapter."""
     cfg = RunConfig.from_mapping(context.run_config)
+    if cfg.secure_aggregation:
+        from server.secure import run_secure  # SecAgg+ lives on Flower's legacy workflow path
+
+        run_secure(grid, context, cfg)
+        return
     out_dir = output_dir(cfg)
     checkpoint = load_latest_checkpoint(out_dir / "checkpoints", required=True) if cfg.resume else None
     run_id = _previous_run_id(out_dir) if checkpoint else str(context.run_id)

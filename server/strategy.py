@@ -137,6 +137,7 @@ class LoRAStrategy(FedAvg):
             "store-rank": self.global_adapter.store_rank,
             "nodes": {str(n): dataclasses.asdict(info) for n, info in self.nodes.items()},
             "rng": [version, list(internal), gauss],
+            "aggregator": self.global_adapter.extra_state(),
         }
         return self.global_adapter.to_arrays(), meta
 
@@ -145,6 +146,7 @@ class LoRAStrategy(FedAvg):
         if meta.get("rule") != self.cfg.rule:
             raise ValueError(f"checkpoint was written by rule {meta.get('rule')!r}, this run uses {self.cfg.rule!r}")
         self.global_adapter.load_arrays(arrays)
+        self.global_adapter.load_extra_state(meta.get("aggregator", {}))
         self.nodes = {int(n): NodeInfo(**info) for n, info in meta.get("nodes", {}).items()}
         version, internal, gauss = meta["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
