@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.aggregation import LINEAR_RULES, RULES
+from common.rule_names import LINEAR_RULES, RULE_NAMES
 
 PARTITIONERS = ("dirichlet", "iid", "pathological")
 SCHEDULES = ("cosine", "linear")
@@ -119,8 +119,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ValueError(f"num-rounds must be at least 1, got {self.num_rounds}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown aggregation rule {self.rule!r}; choose one of {sorted(RULES)}")
+        if self.rule not in RULE_NAMES:
+            raise ValueError(f"unknown aggregation rule {self.rule!r}; choose one of {sorted(RULE_NAMES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.partitioner not in PARTITIONERS:
@@ -180,9 +180,9 @@ class RunConfig:
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Convert a TOML/CLI value to the type of the field's default, naming the key on failure."""
     key = name.replace("_", "-")
+    if name == "node_ranks":
+        return parse_ranks(value)
     try:
-        if name == "node_ranks":
-            return parse_ranks(value)
         if isinstance(default, tuple):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(v).strip() for v in items if str(v).strip())

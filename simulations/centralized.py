@@ -14,12 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.data import pooled_data, tokenize
-from client.model import attach_lora, get_adapter, load_classifier, resolve_model
-from client.node import lora_settings
-from client.train import TrainSettings, evaluate, pick_device, train
 from common.config import RunConfig
-from server.export import plot_metrics, save_peft_adapter, write_json_atomic, write_metrics
 from simulations.simulate import add_run_flags, resolve_run
 
 
@@ -31,6 +26,13 @@ def total_steps(cfg: RunConfig, nodes: int) -> tuple[int, int]:
 
 def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str, Any]]:
     """Train on the pooled data, evaluate after every round-equivalent, write the outputs; return the rows."""
+    # Imported here so that `fedlora --help` and input errors do not pay for torch and transformers.
+    from client.data import pooled_data, tokenize
+    from client.model import attach_lora, get_adapter, load_classifier, resolve_model
+    from client.node import lora_settings
+    from client.train import TrainSettings, evaluate, pick_device, train
+    from server.export import plot_metrics, save_peft_adapter, write_json_atomic, write_metrics
+
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", {"mode": "centralized", "num-nodes": nodes, **cfg.to_mapping()})
