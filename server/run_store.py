@@ -25,6 +25,8 @@ Semantics
   sees half a round. Round 0 is the untrained model (evaluation only); ``rounds_planned`` counts rounds 1..N.
 - ``start_run`` refuses an existing ``run_id`` unless ``resume=True`` (a restarted coordinator): then the status goes
   back to "running" and the rounds already recorded stay. ``record_round`` replaces a round recorded before.
+- A round >= 1 recorded without participants is a skipped round: nothing was aggregated (e.g. fewer valid replies
+  than ``min-nodes``) and the global adapter stayed; its ``rejected`` rows say why. Readers report it as skipped.
 - ``record_round`` also marks every node that replied (participants and rejected senders) and that ``upsert_node``
   introduced as seen in that round.
 - A run id is any printable string without "/" (it is part of the dashboard's URLs).

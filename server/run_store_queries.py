@@ -21,11 +21,17 @@ from server.run_store import RunStoreError, UnknownRunError, connect, read_schem
 
 JSON = dict[str, Any]
 ACCURACY_METRIC = "eval_accuracy"
+SUMMARY_CONFIG_KEYS = ("model", "task", "rule", "dp")
+"""Run-config keys repeated in every run summary, so a list of runs says what each one trained."""
 
 _SUMMARY_SQL = f"""
 SELECT r.*,
     (SELECT COUNT(*) FROM rounds WHERE run_id = r.run_id AND server_round >= 1) AS rounds_done,
     (SELECT MAX(server_round) FROM rounds WHERE run_id = r.run_id) AS last_round,
+    (SELECT COUNT(*) FROM rounds AS d WHERE d.run_id = r.run_id AND d.server_round >= 1 AND NOT EXISTS (
+        SELECT 1 FROM round_nodes AS t WHERE t.run_id = d.run_id AND t.server_round = d.server_round
+        AND t.participated = 1)) AS rounds_skipped,
+    (SELECT COUNT(*) FROM rejected WHERE run_id = r.run_id) AS rejected_updates,
     (SELECT COUNT(*) FROM nodes WHERE run_id = r.run_id) AS node_count,
     (SELECT json_extract(metrics_json, '$.{ACCURACY_METRIC}') AS a FROM rounds
         WHERE run_id = r.run_id AND a IS NOT NULL ORDER BY a DESC, server_round LIMIT 1) AS best_accuracy,
@@ -52,6 +58,10 @@ class StoreUnavailableError(RunStoreError):
     """The run store file is missing, unreadable or corrupt."""
 
 
+class StoreNotCreatedError(StoreUnavailableError):
+    """No run store yet (no file, or an empty one): the coordinator creates it when its first run starts."""
+
+
 def iso_utc(timestamp: float | None) -> str | None:
     """Unix seconds as ISO 8601 UTC (``2025-01-31T12:00:00.000Z``), None stays None."""
     if timestamp is None:
@@ -74,7 +84,7 @@ class RunStoreReader:
     @contextmanager
     def _snapshot(self) -> Iterator[sqlite3.Connection]:
         if not self.path.is_file():
-            raise StoreUnavailableError(
+            raise StoreNotCreatedError(
                 f"no run store at {self.path} yet (the coordinator creates it when a run starts)"
             )
         try:
@@ -84,7 +94,7 @@ class RunStoreReader:
         try:
             conn.execute("BEGIN")
             if read_schema_version(conn, self.path) is None:
-                raise StoreUnavailableError(f"{self.path} is an empty database, not a run store yet")
+                raise StoreNotCreatedError(f"{self.path} is an empty database, not a run store yet")
             yield conn
         except sqlite3.DatabaseError as error:
             raise StoreUnavailableError(self._explain(error)) from error
@@ -117,11 +127,14 @@ class RunStoreReader:
 
     def _summary(self, row: sqlite3.Row) -> JSON:
         end = row["ended_at"] if row["ended_at"] is not None else self._clock()
+        config = json.loads(row["config_json"])
         return {
             "run_id": row["run_id"],
             "status": row["status"],
             "rounds_planned": row["rounds_planned"],
             "rounds_done": row["rounds_done"],
+            "rounds_skipped": row["rounds_skipped"],
+            "rejected_updates": row["rejected_updates"],
             "last_round": row["last_round"],
             "best_accuracy": _finite(row["best_accuracy"]),
             "best_accuracy_round": row["best_accuracy_round"],
@@ -131,6 +144,7 @@ class RunStoreReader:
             "updated_at": iso_utc(row["updated_at"]),
             "duration_seconds": max(0.0, end - row["started_at"]),
             "has_adapter": self._adapter_dir(row["adapter_path"]) is not None,
+            "config_summary": {k: config[k] for k in SUMMARY_CONFIG_KEYS if k in config},
         }
 
     def list_runs(self) -> list[JSON]:
@@ -155,7 +169,10 @@ class RunStoreReader:
         }
 
     def rounds(self, run_id: str, since: int = -1) -> list[JSON]:
-        """Rounds after ``since`` in order: metrics, per-node and total bytes, participants, ε, rejections."""
+        """Rounds after ``since`` in order: metrics, per-node and total bytes, participants, ε, rejections.
+
+        A round ≥ 1 without participants is ``skipped``: no update was aggregated and the global adapter stayed.
+        """
         with self._snapshot() as conn:
             self._run_row(conn, run_id)
             rounds = conn.execute(
@@ -176,6 +193,7 @@ class RunStoreReader:
         out = []
         for row in rounds:
             nodes = by_round.get(row["server_round"], [])
+            participants = [t["node_id"] for t in nodes if t["participated"]]
             out.append(
                 {
                     "server_round": row["server_round"],
@@ -184,7 +202,8 @@ class RunStoreReader:
                     "aggregation_seconds": row["aggregation_seconds"],
                     "epsilon": _finite(row["epsilon"]),
                     "checkpoint_path": row["checkpoint_path"],
-                    "participants": [t["node_id"] for t in nodes if t["participated"]],
+                    "participants": participants,
+                    "skipped": row["server_round"] >= 1 and not participants,
                     "bytes_down": {t["node_id"]: t["bytes_down"] for t in nodes},
                     "bytes_up": {t["node_id"]: t["bytes_up"] for t in nodes},
                     "bytes_down_total": sum(t["bytes_down"] for t in nodes),

@@ -1,7 +1,16 @@
 """Screenshot the dashboard's run page in headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-    python -m simulations.screenshot_dashboard                         # a synthetic run → docs/dashboard.png
-    python -m simulations.screenshot_dashboard --db runs/fedlora.db --run-id <id> --out docs/dashboard.png
+    python -m simulations.screenshot_dashboard --db runs/fedlora.db [--run-id <id>] [--out docs/dashboard.png]
+
+``docs/dashboard.png`` shows a real run of the tiny task (4 nodes at ranks 2/4/8/16, 5 rounds, one node failing in
+round 3 so that a rejected update shows); a few minutes on two cores::
+
+    fedlora simulate --nodes 4 --out /tmp/shot/run --store /tmp/shot/fedlora.db \
+        --set model='"tiny"' --set task='"tiny"' --set max-length=16 --set node-ranks='"2,4,8,16"' \
+        --set local-steps=10 --set learning-rate=0.01 --set num-rounds=5 --set inject-faults='"partition-3:raise@3"'
+    python -m simulations.screenshot_dashboard --db /tmp/shot/fedlora.db
+
+``python -m server.dashboard.demo --db PATH`` writes a synthetic run instead, to preview the pages without training.
 
 The dashboard runs as a real process (``python -m server.dashboard``) on a free loopback port. The helpers here
 (start the dashboard, launch Chromium) are shared with ``tests/test_dashboard_browser.py``.
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Playwright
+    from playwright.sync_api import Browser, FloatRect, Playwright
 
 CHROMIUM = Path(os.environ.get("FEDLORA_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -36,6 +45,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1400, "height": 900}
+DOCS_UNTIL = "#config-heading"
+"""The README's picture ends above the resolved config (a long JSON listing)."""
 
 
 class ChromiumMissingError(RuntimeError):
@@ -101,8 +112,11 @@ def launch_chromium(playwright: Playwright) -> Browser:
     return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
 
 
-def screenshot_run_page(db: Path, run_id: str, out: Path, log: IO[bytes]) -> Path:
-    """Serve ``db``, open ``/runs/<run_id>`` once its charts have drawn, and save a full-page PNG at ``out``."""
+def screenshot_run_page(db: Path, run_id: str, out: Path, log: IO[bytes], until: str | None = None) -> Path:
+    """Serve ``db``, open ``/runs/<run_id>`` once its charts have drawn, and save a PNG at ``out``.
+
+    The PNG holds the whole page, or the page down to the element ``until`` (a CSS selector) when one is given.
+    """
     from urllib.parse import quote
 
     from playwright.sync_api import sync_playwright
@@ -117,7 +131,11 @@ def screenshot_run_page(db: Path, run_id: str, out: Path, log: IO[bytes]) -> Pat
             page.wait_for_selector("#nodes-table tbody tr")
             page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1")
             out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(out), full_page=True)
+            box = page.locator(until).bounding_box() if until else None
+            clip: FloatRect | None = None
+            if box is not None:
+                clip = {"x": 0, "y": 0, "width": VIEWPORT["width"], "height": box["y"]}
+            page.screenshot(path=str(out), full_page=True, clip=clip)
             browser.close()
     finally:
         stop(process)
@@ -125,30 +143,35 @@ def screenshot_run_page(db: Path, run_id: str, out: Path, log: IO[bytes]) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write a synthetic run (unless ``--db`` is given) and screenshot its run page."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.screenshot_dashboard", description=__doc__)
-    parser.add_argument("--db", type=Path, default=None, help="run store to show (default: a synthetic run)")
+    """Screenshot the run page of one run in a run store."""
+    from server.run_store import RunStoreError
+    from server.run_store_queries import RunStoreReader
+
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.screenshot_dashboard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--db", type=Path, required=True, help="run store to show")
     parser.add_argument("--run-id", default=None, help="run to show (default: the newest run)")
     parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    parser.add_argument(
+        "--until",
+        default=DOCS_UNTIL,
+        help=f"CSS selector where the picture ends (default: {DOCS_UNTIL!r}, above the config); '' for the whole page",
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        db = args.db
-        if db is None:
-            from server.dashboard.demo import write_demo_run
-
-            db = Path(tmp) / "fedlora.db"
-            write_demo_run(db, run_id="demo-minilm-20news", rounds=12)
-        run_id = args.run_id
-        if run_id is None:
-            from server.run_store_queries import RunStoreReader
-
-            runs = RunStoreReader(db).list_runs()
-            if not runs:
-                print(f"no runs in {db}", file=sys.stderr)
-                return 1
-            run_id = runs[0]["run_id"]
-        with (Path(tmp) / "dashboard.log").open("wb") as log:
-            out = screenshot_run_page(db, run_id, args.out, log)
+    try:
+        runs = RunStoreReader(args.db).list_runs()
+    except RunStoreError as error:
+        print(f"screenshot_dashboard: {error}", file=sys.stderr)
+        return 1
+    run_id = args.run_id if args.run_id is not None else (runs[0]["run_id"] if runs else None)
+    if run_id is None:
+        print(f"screenshot_dashboard: no runs in {args.db}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "dashboard.log").open("wb") as log:
+        out = screenshot_run_page(args.db, run_id, args.out, log, until=args.until or None)
     print(f"wrote {out}")
     return 0
 

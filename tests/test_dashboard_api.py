@@ -62,13 +62,15 @@ def test_runs_lists_the_summary(client: TestClient) -> None:
     assert run["run_id"] == RUN_ID and run["status"] == "completed"
     assert (run["rounds_done"], run["rounds_planned"], run["last_round"], run["nodes"]) == (4, 4, 4, 3)
     assert run["best_accuracy_round"] == 4 and 0 < run["best_accuracy"] < 1
+    assert (run["rounds_skipped"], run["rejected_updates"]) == (0, 1)
     assert run["started_at"].endswith("Z") and run["duration_seconds"] > 0 and run["has_adapter"] is True
+    assert run["config_summary"] == {"model": "minilm-l6", "task": "newsgroups", "rule": "svd", "dp": "central"}
 
 
 def test_run_detail_adds_config_and_paths(client: TestClient, demo_db: Path) -> None:
     run = client.get(f"/api/runs/{RUN_ID}").json()
 
-    assert run["config"]["synthetic"] is True and run["config"]["num-server-rounds"] == 4
+    assert run["config"]["synthetic"] is True and run["config"]["num-rounds"] == 4
     assert run["out_dir"] == str(demo_db.parent / RUN_ID)
     assert run["adapter_path"] == str(demo_db.parent / RUN_ID / "adapter")
     assert set(run["latest_metrics"]) == {"train_loss", "eval_loss", "eval_accuracy"}
@@ -84,6 +86,7 @@ def test_rounds_match_the_store_and_since_filters(client: TestClient, demo_db: P
         sums = dict(conn.execute("SELECT server_round, SUM(bytes_down) FROM round_nodes GROUP BY server_round"))
     assert {r["server_round"]: r["bytes_down_total"] for r in rounds if r["server_round"] in sums} == sums
     assert rounds[3]["rejected"] == 1 and len(rounds[3]["participants"]) == 2
+    assert not any(r["skipped"] for r in rounds)
     assert all(isinstance(node_id, str) for r in rounds for node_id in r["participants"])
 
 
@@ -110,7 +113,7 @@ def test_diagnostics_per_round_and_module(client: TestClient) -> None:
     diagnostics = client.get(f"/api/runs/{RUN_ID}/diagnostics", params={"since": 3}).json()
 
     assert [d["server_round"] for d in diagnostics] == [4]
-    module = diagnostics[0]["modules"]["encoder.layer.0.attention.self.query"]
+    module = diagnostics[0]["modules"]["base_model.model.bert.encoder.layer.0.attention.self.query"]
     assert set(module) == {"energy_kept_r4", "energy_kept_r8", "energy_kept_r16"}
     assert module["energy_kept_r4"] < module["energy_kept_r8"] < module["energy_kept_r16"] <= 1
 
@@ -192,8 +195,18 @@ def test_corrupt_and_missing_databases_give_clear_messages(tmp_path: Path) -> No
     assert "is it corrupt?" in corrupt_client.get("/api/runs").json()["error"]
     assert "is it corrupt?" in corrupt_client.get("/").text
     assert "no run store at" in missing_client.get("/api/runs").json()["error"]
-    assert missing_client.get("/").status_code == 503
+    assert missing_client.get("/api/runs").status_code == 503
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_runs_page_waits_for_a_store_that_does_not_exist_yet(tmp_path: Path) -> None:
+    client = TestClient(create_app(tmp_path / "later.db"))
+
+    page = client.get("/")
+    RunStore(tmp_path / "later.db").start_run("r", {}, rounds_planned=1, out_dir=str(tmp_path))
+
+    assert page.status_code == 200 and 'id="runs-table"' in page.text  # its script polls /api/runs
+    assert [run["run_id"] for run in client.get("/api/runs").json()] == ["r"]
 
 
 def test_unexpected_errors_are_a_message_not_a_trace(demo_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,7 +259,10 @@ def test_static_files_are_served_offline(client: TestClient) -> None:
 
     assert chart.status_code == 200 and chart.text.startswith("/*!\n * Chart.js v4")
     for name in ("dashboard.js", "runs.js", "run.js", "dashboard.css", "chart.js-LICENSE.txt"):
-        assert client.get(f"/static/{name}").status_code == 200
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200 and response.headers["cache-control"] == "no-cache"
+        revalidated = client.get(f"/static/{name}", headers={"If-None-Match": response.headers["etag"]})
+        assert revalidated.status_code == 304
     for page in ("/", f"/runs/{RUN_ID}"):
         assert "http" not in client.get(page).text.split("<body")[0]  # no CDN in the head
 

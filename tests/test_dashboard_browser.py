@@ -1,5 +1,6 @@
-"""The dashboard in headless Chromium: a separate writer process fills a run store round by round, the dashboard runs
-as a real process, and the pages must show what the store holds and follow the run live, without reloading.
+"""The dashboard in headless Chromium over a real simulation: the dashboard and the browser are open before
+``fedlora simulate --store`` starts; the pages must pick the run up, follow it round by round without reloading, and
+show exactly what the store holds once it completes.
 
 Needs Debian's chromium (``apt-get install -y chromium``); without it this test fails with that instruction, it never
 skips. The screenshot lands in the test's tmp folder (printed; ``pytest -s`` shows the path).
@@ -10,115 +11,94 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import TINY_SETTINGS, fedlora_command, settings_flags
 from playwright.sync_api import Page, sync_playwright
 
 from simulations.screenshot_dashboard import VIEWPORT, free_port, launch_chromium, start_dashboard, stop
 
-ROUNDS = 6
-ROUND_INTERVAL_S = 1.2
-UPDATE_TIMEOUT_MS = 60_000
+ROUNDS = 3
+NODES = 3
+FAULTS = "partition-1:raise@2,partition-0:raise@3,partition-1:raise@3"
+"""Round 2 aggregates without partition-1 (one rejected update); round 3 has one valid reply, fewer than
+min-nodes = 2, so it is skipped."""
+RUN_TIMEOUT_S = 600  # the simulation alone takes 1-3 minutes on 2 cores, more on a loaded machine
+POLL_MS = 200
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class LiveRun:
-    """A run being written into ``db`` by another process; ``release()`` lets it go on past round 1."""
-
-    db: Path
-    run_id: str
-    gate: Path
-    process: subprocess.Popen[bytes]
-
-    def release(self) -> None:
-        self.gate.touch()
-
-
-def _wait_for_round(db: Path, run_id: str, server_round: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if db.exists():
-            with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as conn:
-                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-                if (
-                    "rounds" in tables
-                    and conn.execute(
-                        "SELECT 1 FROM rounds WHERE run_id = ? AND server_round = ?", (run_id, server_round)
-                    ).fetchone()
-                ):
-                    return
-        if process.poll() is not None:
-            raise RuntimeError(f"the run writer exited with status {process.returncode}")
-        time.sleep(0.1)
-    raise TimeoutError(f"round {server_round} of {run_id} never reached {db}")
-
-
 @pytest.fixture
-def live_run(tmp_path: Path) -> Iterator[LiveRun]:
-    """Rounds 0 and 1 of a run, written by a separate process that writes the rest, slowly, once released.
-
-    The writer uses only the public RunStore API (``python -m server.dashboard.demo``). A real tiny simulation
-    (``fedlora simulate --store PATH``) can take its place: start it here and make ``release`` a no-op.
-    """
-    db, run_id, gate = tmp_path / "runs" / "fedlora.db", "browser-run", tmp_path / "go"
-    command = [sys.executable, "-m", "server.dashboard.demo", "--db", str(db), "--run-id", run_id]
-    command += ["--rounds", str(ROUNDS), "--interval", str(ROUND_INTERVAL_S), "--wait-for", str(gate)]
-    with (tmp_path / "writer.log").open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_for_round(db, run_id, 1, process)
-            yield LiveRun(db, run_id, gate, process)
-        finally:
-            gate.touch()
-            stop(process)
+def simulation_command(tmp_path: Path) -> list[str]:
+    """``fedlora simulate`` of the tiny task, 3 nodes at ranks 2/4/8, 3 rounds, writing ``tmp_path/fedlora.db``."""
+    settings = {**TINY_SETTINGS, "num-rounds": ROUNDS, "inject-faults": FAULTS}
+    return fedlora_command(
+        "simulate", "--nodes", str(NODES), "--out", str(tmp_path / "run"), "--store", str(tmp_path / "fedlora.db"),
+        *settings_flags(settings),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class StoreFacts:
     """What the page must show, read straight from SQLite (independent of the dashboard's own queries)."""
 
+    run_id: str
+    status: str
     rounds_done: int
     rounds_planned: int
-    labels: list[int]
-    accuracy: list[float | None]
-    best_accuracy: float
-    bytes_down: list[int]
-    nodes: dict[str, tuple[int, int]]  # node id -> (rank, rounds participated)
+    metrics: dict[int, dict[str, float | None]]
+    participants: dict[int, int]
+    bytes_down: dict[int, int]
+    nodes: dict[str, tuple[str, int, str, int, int]]  # node id -> (name, rank, device, participated, rejected)
+    rejected: list[tuple[int, str, str]]
+    modules: list[str]  # the latest round's diagnostics
 
 
-def store_facts(db: Path, run_id: str) -> StoreFacts:
-    with sqlite3.connect(db) as conn:
-        rounds = conn.execute(
-            "SELECT server_round, metrics_json FROM rounds WHERE run_id = ? ORDER BY server_round", (run_id,)
-        ).fetchall()
-        metrics = [json.loads(m) for _, m in rounds]
-        bytes_down = conn.execute(
-            "SELECT r.server_round, COALESCE(SUM(t.bytes_down), 0) FROM rounds r LEFT JOIN round_nodes t "
-            "ON t.run_id = r.run_id AND t.server_round = r.server_round WHERE r.run_id = ? "
-            "GROUP BY r.server_round ORDER BY r.server_round",
-            (run_id,),
-        ).fetchall()
-        nodes = conn.execute(
-            "SELECT n.node_id, n.rank, (SELECT COUNT(*) FROM round_nodes t WHERE t.run_id = n.run_id "
-            "AND t.node_id = n.node_id AND t.participated = 1 AND t.server_round >= 1) FROM nodes n WHERE n.run_id = ?",
-            (run_id,),
-        ).fetchall()
-        (planned,) = conn.execute("SELECT rounds_planned FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+def _query(conn: sqlite3.Connection, sql: str, run_id: str) -> list[Any]:
+    return conn.execute(sql, (run_id,)).fetchall()
+
+
+def store_facts(db: Path) -> StoreFacts:
+    with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as conn:
+        ((run_id, status, planned),) = conn.execute("SELECT run_id, status, rounds_planned FROM runs").fetchall()
+        rounds = _query(
+            conn, "SELECT server_round, metrics_json, diagnostics_json FROM rounds WHERE run_id = ?", run_id
+        )
+        traffic = _query(
+            conn,
+            "SELECT server_round, SUM(participated), SUM(bytes_down) FROM round_nodes WHERE run_id = ? "
+            "GROUP BY server_round",
+            run_id,
+        )
+        nodes = _query(
+            conn,
+            "SELECT n.node_id, n.name, n.rank, n.device, "
+            "(SELECT COUNT(*) FROM round_nodes t WHERE t.run_id = n.run_id AND t.node_id = n.node_id "
+            "AND t.participated = 1 AND t.server_round >= 1), "
+            "(SELECT COUNT(*) FROM rejected j WHERE j.run_id = n.run_id AND j.node_id = n.node_id) "
+            "FROM nodes n WHERE n.run_id = ?",
+            run_id,
+        )
+        rejected = _query(
+            conn, "SELECT server_round, node_id, reason FROM rejected WHERE run_id = ? ORDER BY server_round", run_id
+        )
+    diagnostics = [json.loads(d) for _, _, d in sorted(rounds) if json.loads(d)]
     return StoreFacts(
-        rounds_done=sum(1 for r, _ in rounds if r >= 1),
+        run_id=run_id,
+        status=status,
+        rounds_done=sum(1 for r, _, _ in rounds if r >= 1),
         rounds_planned=planned,
-        labels=[r for r, _ in rounds],
-        accuracy=[m.get("eval_accuracy") for m in metrics],
-        best_accuracy=max(m["eval_accuracy"] for m in metrics),
-        bytes_down=[b for _, b in bytes_down],
-        nodes={node_id: (rank, participated) for node_id, rank, participated in nodes},
+        metrics={r: json.loads(m) for r, m, _ in rounds},
+        participants={r: p for r, p, _ in traffic},
+        bytes_down={r: b for r, _, b in traffic},
+        nodes={node_id: (name, rank, device, p, j) for node_id, name, rank, device, p, j in nodes},
+        rejected=[tuple(row) for row in rejected],
+        modules=sorted(diagnostics[-1]) if diagnostics else [],
     )
 
 
@@ -138,74 +118,139 @@ def chart_data(page: Page, canvas_id: str, dataset: int) -> list[object]:
     return list(page.evaluate(f"Chart.getChart('{canvas_id}').data.datasets[{dataset}].data"))
 
 
-def test_dashboard_shows_the_store_and_follows_a_live_run(live_run: LiveRun, tmp_path: Path) -> None:
-    port = free_port()
+def shown_value(page: Page, selector: str) -> float | None:
+    """A cell's exact number (``data-value``, written with JavaScript's shortest round-trip format)."""
+    value = page.locator(selector).get_attribute("data-value")
+    return None if value in (None, "") else float(value)
+
+
+def follow_run(page: Page, simulation: subprocess.Popen[bytes]) -> list[int]:
+    """The round counts the run page shows while the run is in progress, in the order they appeared."""
+    seen: list[int] = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while page.locator("#run-status").inner_text() != "completed" and time.monotonic() < deadline:
+        if page.locator("#run-status").inner_text() == "running":
+            done = int(page.locator("#rounds-done").inner_text())
+            if not seen or seen[-1] != done:
+                seen.append(done)
+        if simulation.poll() not in (None, 0):
+            raise AssertionError(f"fedlora simulate exited with status {simulation.returncode}")
+        page.wait_for_timeout(POLL_MS)
+    return seen
+
+
+def check_run_page_matches_the_store(page: Page, facts: StoreFacts) -> None:
+    """Summary, nodes, rounds, rejections, diagnostics and charts equal the store."""
+    assert page.locator("#run-status").inner_text() == facts.status == "completed"
+    assert page.locator("#rounds-done").inner_text() == str(facts.rounds_done) == str(ROUNDS)
+    assert page.locator("#rounds-planned").inner_text() == str(facts.rounds_planned)
+    best = max(a for m in facts.metrics.values() if (a := m.get("eval_accuracy")) is not None)
+    assert shown_value(page, "#best-accuracy") == best
+    assert page.locator("#best-accuracy").inner_text() == f"{100 * best:.2f}%"
+    assert "model tiny" in page.locator("#run-setup").inner_text()
+
+    assert page.locator("#nodes-table tbody tr").count() == len(facts.nodes) == NODES
+    assert sorted(rank for _, rank, _, _, _ in facts.nodes.values()) == [2, 4, 8]
+    for node_id, (name, rank, device, participated, rejected) in facts.nodes.items():
+        row = page.locator(f'#nodes-table tr[data-node-id="{node_id}"]')
+        assert [row.locator(c).inner_text() for c in (".name", ".rank", ".device")] == [name, str(rank), device]
+        assert row.locator(".rounds-participated").inner_text() == str(participated)
+        assert row.locator(".rejected-updates").inner_text() == str(rejected)
+
+    for server_round, metrics in facts.metrics.items():
+        round_row = f'#rounds-table tr[data-round="{server_round}"]'
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            assert shown_value(page, f"{round_row} .{key}") == metrics.get(key), (server_round, key)
+        participants = facts.participants.get(server_round, 0)
+        assert page.locator(f"{round_row} .participants").inner_text() == str(participants)
+        skipped = server_round >= 1 and participants == 0
+        assert page.locator(f"{round_row} .outcome").inner_text().startswith("skipped") is skipped
+    rejected_rows = page.locator("#rejected-table tbody tr")
+    assert rejected_rows.count() == len(facts.rejected) > 0
+    for i, (server_round, node_id, reason) in enumerate(facts.rejected):
+        row = rejected_rows.nth(i)
+        assert [row.locator(c).inner_text() for c in (".round", ".node-id")] == [str(server_round), node_id]
+        assert row.locator(".reason").get_attribute("data-reason") == reason
+        # An error reply's remote traceback is folded away behind its last line.
+        assert f"told to raise in round {server_round}" in row.locator(".reason").inner_text().splitlines()[0]
+    assert page.locator("#latest-epsilon").inner_text() == "off" and page.locator("#epsilon-off").is_visible()
+
+    modules = page.locator("#energy-table tbody tr")
+    assert sorted(modules.nth(i).get_attribute("data-module") or "" for i in range(modules.count())) == facts.modules
+    assert not modules.first.locator(".module").inner_text().startswith("base_model.model.")
+
+    rounds = sorted(facts.metrics)
+    assert page.evaluate("Chart.getChart('chart-eval').data.labels") == rounds
+    assert chart_data(page, "chart-eval", 0) == [facts.metrics[r].get("eval_accuracy") for r in rounds]
+    assert chart_data(page, "chart-bytes", 0) == [facts.bytes_down.get(r, 0) for r in rounds]
+    for canvas in ("chart-eval", "chart-train", "chart-bytes", "chart-energy"):
+        assert painted_pixels(page, canvas) > 500, f"{canvas} was not drawn"
+    assert page.locator("#adapter-link").is_visible()
+
+
+def open_the_new_run(page: Page, base: str) -> str:
+    """Wait on the runs page until a running run appears (no reload), follow its link, and return its id."""
+    row = page.locator("#runs-table tbody tr").first
+    row.wait_for(timeout=RUN_TIMEOUT_S * 1000)
+    run_id = row.get_attribute("data-run-id") or ""
+    assert row.locator(".status-cell").inner_text() == "running"
+    row.locator("a").click()
+    page.wait_for_url(f"{base}/runs/{run_id}")
+    page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1")
+    return run_id
+
+
+def test_dashboard_follows_a_real_simulation_and_shows_the_store(simulation_command: list[str], tmp_path: Path) -> None:
+    db, port = tmp_path / "fedlora.db", free_port()
     base = f"http://127.0.0.1:{port}"
-    with (tmp_path / "dashboard.log").open("wb") as log, sync_playwright() as playwright:
-        dashboard = start_dashboard(live_run.db, port, log)
+    with (
+        (tmp_path / "dashboard.log").open("wb") as dashboard_log,
+        (tmp_path / "simulate.log").open("wb") as simulate_log,
+        sync_playwright() as playwright,
+    ):
+        dashboard = start_dashboard(db, port, dashboard_log)
+        simulation: subprocess.Popen[bytes] | None = None
         try:
             browser = launch_chromium(playwright)
             page = browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
             page_errors: list[str] = []
             page.on("pageerror", lambda error: page_errors.append(str(error)))
 
-            # The runs page lists the run in progress, and links to it.
+            # Before any run the runs page says there is no store yet, and keeps polling.
             page.goto(base + "/")
-            row = page.locator(f'#runs-table tr[data-run-id="{live_run.run_id}"]')
-            row.wait_for()
-            assert row.locator(".status-cell").inner_text() == "running"
-            assert row.locator(".rounds").inner_text() == f"1 / {ROUNDS}"
-            row.locator("a").click()
-            page.wait_for_url(f"{base}/runs/{live_run.run_id}")
-            page.wait_for_function("Number(document.body.dataset.renders || 0) >= 1")
-            assert page.locator("#rounds-done").inner_text() == "1"
-            assert page.locator("#run-status").inner_text() == "running"
+            page.locator("#error", has_text="no run store at").wait_for()
+            simulation = subprocess.Popen(simulation_command, stdout=simulate_log, stderr=subprocess.STDOUT)
 
-            # The page follows the run while the writer adds rounds, without a reload.
+            run_id = open_the_new_run(page, base)
+
+            # The round count climbs while the simulation writes rounds, in the same document.
             page.evaluate("window.__sameDocument = true")
-            live_run.release()
-            seen_while_running: set[str] = set()
-            deadline = time.monotonic() + UPDATE_TIMEOUT_MS / 1000
-            while page.locator("#run-status").inner_text() != "completed" and time.monotonic() < deadline:
-                if page.locator("#run-status").inner_text() == "running":
-                    seen_while_running.add(page.locator("#rounds-done").inner_text())
-                page.wait_for_timeout(150)
-            assert page.locator("#run-status").inner_text() == "completed"
-            assert seen_while_running - {"1"}, f"no update shown while the run was writing: {seen_while_running}"
+            seen = follow_run(page, simulation)
             assert page.evaluate("window.__sameDocument") is True
-            assert live_run.process.wait(timeout=30) == 0, (tmp_path / "writer.log").read_text()
+            print(f"round counts shown while running: {seen}")
+            assert len(seen) >= 2 and seen == sorted(seen), f"round counts shown while running: {seen}"
+            assert simulation.wait(timeout=120) == 0, (tmp_path / "simulate.log").read_text()[-4000:]
 
             # Every number shown equals the store.
             page.wait_for_function(f"document.body.dataset.lastRound === '{ROUNDS}'")
-            facts = store_facts(live_run.db, live_run.run_id)
-            assert page.locator("#rounds-done").inner_text() == str(facts.rounds_done) == str(ROUNDS)
-            assert page.locator("#rounds-planned").inner_text() == str(facts.rounds_planned)
-            best = page.locator("#best-accuracy")
-            assert float(best.get_attribute("data-value") or "nan") == facts.best_accuracy
-            assert best.inner_text() == f"{100 * facts.best_accuracy:.2f}%"
-            node_rows = page.locator("#nodes-table tbody tr")
-            assert node_rows.count() == len(facts.nodes)
-            for node_id, (rank, participated) in facts.nodes.items():
-                node_row = page.locator(f'#nodes-table tr[data-node-id="{node_id}"]')
-                assert node_row.locator(".rank").inner_text() == str(rank)
-                assert node_row.locator(".rounds-participated").inner_text() == str(participated)
-            assert page.evaluate("Chart.getChart('chart-eval').data.labels") == facts.labels
-            assert chart_data(page, "chart-eval", 0) == facts.accuracy
-            assert chart_data(page, "chart-bytes", 0) == facts.bytes_down
-            for canvas in ("chart-eval", "chart-train", "chart-bytes", "chart-epsilon", "chart-energy"):
-                assert painted_pixels(page, canvas) > 500, f"{canvas} was not drawn"
-            assert page.locator("#adapter-link").is_visible()
-            assert page.locator("#energy-table tbody tr").count() > 0
-
+            facts = store_facts(db)
+            assert facts.run_id == run_id
+            check_run_page_matches_the_store(page, facts)
             screenshot = tmp_path / "dashboard-run.png"
             page.screenshot(path=str(screenshot), full_page=True)
             assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
             print(f"screenshot: {screenshot}")
 
-            # A missing run id is a clear message, not a stack trace.
+            # The runs page shows the finished run; a missing run id is a message, not a stack trace.
+            page.goto(base + "/")
+            row = page.locator(f'#runs-table tr[data-run-id="{run_id}"]')
+            assert row.locator(".rounds").inner_text() == f"{ROUNDS} / {ROUNDS}"
+            assert row.locator(".status-cell").inner_text() == "completed"
             page.goto(base + "/runs/no-such-run")
             assert "no run with id 'no-such-run'" in page.locator("#error-message").inner_text()
             assert page_errors == []
             browser.close()
         finally:
+            if simulation is not None:
+                stop(simulation)
             stop(dashboard)

@@ -175,6 +175,19 @@ def test_record_round_marks_participants_and_rejected_senders_as_seen(store: Run
     ]
 
 
+def test_a_round_without_participants_is_reported_as_skipped(store: RunStore, db: Path) -> None:
+    store.record_round("r1", RoundRecord(server_round=0, metrics={"eval_accuracy": 0.1}))
+    store.record_round("r1", round_one())
+    store.record_round(
+        "r1", round_one(server_round=2, participants=[], bytes_up={11: 90}, rejected=[(BIG_NODE, "error reply")])
+    )
+
+    reader = RunStoreReader(db)
+    assert [r["skipped"] for r in reader.rounds("r1")] == [False, False, True]
+    run = reader.get_run("r1")
+    assert (run["rounds_done"], run["rounds_skipped"], run["rejected_updates"]) == (2, 1, 1)
+
+
 def test_round_zero_counts_neither_as_done_nor_as_participation(store: RunStore, db: Path) -> None:
     store.record_round("r1", RoundRecord(server_round=0, metrics={"eval_accuracy": 0.1}, participants=[11]))
 

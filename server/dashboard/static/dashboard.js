@@ -28,14 +28,17 @@
   const formatPercent = (x) => (isNumber(x) ? (100 * x).toFixed(2) + "%" : "–");
   const formatFixed = (x, digits) => (isNumber(x) ? x.toFixed(digits) : "–");
   const formatTime = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
+  const SHORT_TIME = { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" };
+  const formatShortTime = (iso) => (iso ? new Date(iso).toLocaleString([], SHORT_TIME) : "–");
 
+  // Decimal units (kB = 1000 B), as the coordinator's log prints them; chart ticks then land on round numbers.
   function formatBytes(n) {
     if (!isNumber(n)) return "–";
-    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    const units = ["B", "kB", "MB", "GB", "TB"];
     let value = n;
     let unit = 0;
-    while (Math.abs(value) >= 1024 && unit < units.length - 1) {
-      value /= 1024;
+    while (Math.abs(value) >= 1000 && unit < units.length - 1) {
+      value /= 1000;
       unit += 1;
     }
     return (unit === 0 ? String(value) : value.toFixed(1)) + " " + units[unit];
@@ -95,7 +98,7 @@
   }
 
   window.fedlora = {
-    fetchJSON, isNumber, formatPercent, formatFixed, formatTime, formatBytes, formatDuration,
+    fetchJSON, isNumber, formatPercent, formatFixed, formatTime, formatShortTime, formatBytes, formatDuration,
     showError, setLive, cell, statusBadge, poll,
   };
 })();

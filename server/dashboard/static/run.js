@@ -42,7 +42,7 @@
       [series("down (to nodes)", COLORS[0]), series("up (from nodes)", COLORS[2])],
       { y: { beginAtZero: true, ticks: { precision: 0, callback: (value) => f.formatBytes(value) } } });
     charts.epsilon = makeChart("chart-epsilon", "line", [series("ε", COLORS[4])], { y: { beginAtZero: true } });
-    charts.energy = makeChart("chart-energy", "line", [], { y: { min: 0, max: 1, title: title("fraction") } });
+    charts.energy = makeChart("chart-energy", "line", [], { y: { max: 1, title: title("fraction") } });
   }
 
   const metric = (round, key) => (f.isNumber(round.metrics[key]) ? round.metrics[key] : null);
@@ -61,15 +61,29 @@
     if (value !== undefined) element.dataset.value = value === null ? "" : String(value);
   }
 
+  function renderSetup(run) {
+    const setup = run.config_summary || {};
+    const parts = [["model", setup.model], ["task", setup.task], ["rule", setup.rule], ["DP", setup.dp]]
+      .filter((part) => part[1] !== undefined && part[1] !== null && part[1] !== "")
+      .map((part) => `${part[0]} ${part[1]}`);
+    parts.push(`${run.nodes} node${run.nodes === 1 ? "" : "s"}`);
+    setText("run-setup", parts.join(" · "));
+  }
+
   function renderSummary(run) {
     f.statusBadge(document.getElementById("run-status"), run.status);
+    renderSetup(run);
+    setText("rejected-updates", String(run.rejected_updates), run.rejected_updates);
+    setText("rounds-skipped", run.rounds_skipped === 1 ? "1 round skipped" : `${run.rounds_skipped} rounds skipped`,
+      run.rounds_skipped);
     setText("rounds-done", String(run.rounds_done), run.rounds_done);
     setText("rounds-planned", String(run.rounds_planned), run.rounds_planned);
     const fraction = run.rounds_planned > 0 ? Math.min(1, run.rounds_done / run.rounds_planned) : 0;
     document.getElementById("progress-bar").style.width = (100 * fraction).toFixed(1) + "%";
     setText("best-accuracy", f.formatPercent(run.best_accuracy), run.best_accuracy);
     setText("best-accuracy-round", run.best_accuracy_round === null ? "" : `round ${run.best_accuracy_round}`);
-    setText("started-at", f.formatTime(run.started_at), run.started_at);
+    setText("started-at", f.formatShortTime(run.started_at), run.started_at);
+    document.getElementById("started-at").title = f.formatTime(run.started_at);
     setText("duration", f.formatDuration(run.duration_seconds), run.duration_seconds);
     const link = document.getElementById("adapter-link");
     link.hidden = !run.has_adapter;
@@ -112,8 +126,9 @@
     const epsilon = rounds.map((r) => r.epsilon);
     setData(charts.epsilon, labels, [epsilon]);
     document.getElementById("epsilon-off").hidden = epsilon.some(f.isNumber);
-    charts.energy.data.labels = diagnostics.map((d) => d.server_round);
-    charts.energy.data.datasets = energyDatasets(diagnostics);
+    const aggregations = diagnostics.filter((d) => d.server_round >= 1);  // round 0 only evaluates
+    charts.energy.data.labels = aggregations.map((d) => d.server_round);
+    charts.energy.data.datasets = energyDatasets(aggregations);
     charts.energy.update("none");
     setText("latest-eval-loss", f.formatFixed(lastValue(rounds, (r) => metric(r, "eval_loss")), 4),
       lastValue(rounds, (r) => metric(r, "eval_loss")));
@@ -138,6 +153,21 @@
     document.querySelector("#nodes-table tbody").replaceChildren(...rows);
   }
 
+  // peft names modules by their full path (base_model.model.bert.encoder.layer.0.attention.self.query); the rows
+  // show what differs between them, and keep the numbered block ("layer.0") together.
+  function commonModulePrefix(modules) {
+    if (modules.length < 2) {
+      const match = /^base_model\.model\./.exec(modules[0] || "");
+      return match ? match[0] : "";
+    }
+    const parts = modules.map((m) => m.split("."));
+    const shortest = Math.min(...parts.map((p) => p.length));
+    let shared = 0;
+    while (shared < shortest - 1 && parts.every((p) => p[shared] === parts[0][shared])) shared += 1;
+    if (shared > 0 && parts.some((p) => /^\d+$/.test(p[shared]))) shared -= 1;
+    return shared > 0 ? parts[0].slice(0, shared).join(".") + "." : "";
+  }
+
   function renderEnergyTable(diagnostics) {
     const latest = [...diagnostics].reverse().find((d) => Object.keys(d.modules).length > 0);
     document.getElementById("energy-none").hidden = Boolean(latest);
@@ -155,22 +185,82 @@
       f.cell(head, match ? `r = ${match[1]}` : key.replace(/_/g, " "), "num");
     });
     document.querySelector("#energy-table thead").replaceChildren(head);
-    const rows = Object.keys(latest.modules).sort().map((module) => {
+    const modules = Object.keys(latest.modules).sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
+    const prefix = commonModulePrefix(modules);
+    document.getElementById("energy-prefix").hidden = !prefix;
+    setText("energy-prefix-text", prefix);
+    const rows = modules.map((module) => {
       const tr = document.createElement("tr");
       tr.dataset.module = module;
-      f.cell(tr, module, "mono");
-      columns.forEach((key) => f.cell(tr, f.formatFixed(latest.modules[module][key], 3), "num " + key, latest.modules[module][key]));
+      f.cell(tr, module.slice(prefix.length), "mono module").title = module;
+      columns.forEach((key) => f.cell(tr, f.formatFixed(latest.modules[module][key], 4), "num " + key, latest.modules[module][key]));
       return tr;
     });
     document.querySelector("#energy-table tbody").replaceChildren(...rows);
   }
 
-  function renderRejected(rejected) {
+  function outcome(round) {
+    if (round.server_round === 0) return ["evaluation only", "outcome-eval"];
+    if (round.skipped) return ["skipped: global adapter kept", "outcome-skipped"];
+    return ["aggregated", "outcome-aggregated"];
+  }
+
+  function renderRoundsTable(rounds) {
+    const rows = [...rounds].reverse().map((round) => {
+      const tr = document.createElement("tr");
+      tr.dataset.round = String(round.server_round);
+      const [text, className] = outcome(round);
+      tr.className = className;
+      f.cell(tr, String(round.server_round), "num round", round.server_round);
+      f.cell(tr, text, "outcome");
+      f.cell(tr, String(round.participants.length), "num participants", round.participants.length);
+      f.cell(tr, String(round.rejected), "num rejected", round.rejected);
+      ["train_loss", "eval_loss"].forEach((key) => f.cell(tr, f.formatFixed(metric(round, key), 4), "num " + key, metric(round, key)));
+      f.cell(tr, f.formatPercent(metric(round, "eval_accuracy")), "num eval_accuracy", metric(round, "eval_accuracy"));
+      f.cell(tr, f.formatBytes(round.bytes_down_total), "num bytes_down", round.bytes_down_total);
+      f.cell(tr, f.formatBytes(round.bytes_up_total), "num bytes_up", round.bytes_up_total);
+      const seconds = round.server_round === 0 || round.skipped ? null : round.aggregation_seconds;
+      f.cell(tr, f.isNumber(seconds) ? `${seconds.toFixed(3)} s` : "–", "num aggregation_seconds", seconds);
+      f.cell(tr, f.isNumber(round.epsilon) ? round.epsilon.toFixed(3) : "–", "num epsilon", round.epsilon);
+      return tr;
+    });
+    document.querySelector("#rounds-table tbody").replaceChildren(...rows);
+  }
+
+  // A node's error reply carries a whole remote traceback (with terminal colours); show its category and last line,
+  // and the full text on demand.
+  const ANSI = /\x1b\[[0-9;]*m/g;
+  const SUMMARY_CHARS = 160;
+
+  function reasonCell(row, reason) {
+    const text = reason.replace(ANSI, "");
+    const td = f.cell(row, "", "reason");
+    td.dataset.reason = reason;
+    const lines = text.split("\n").map((line) => line.trim()).filter(Boolean);
+    if (lines.length <= 1 && text.length <= SUMMARY_CHARS) {
+      td.textContent = text;
+      return;
+    }
+    const category = /^[a-z][a-z-]*(?=:)/.exec(text);
+    const last = lines[lines.length - 1].replace(/['">]+$/, "");
+    const summary = (category ? category[0] + ": " : "") + last;
+    const details = document.createElement("details");
+    const head = document.createElement("summary");
+    head.textContent = summary.length > SUMMARY_CHARS ? summary.slice(0, SUMMARY_CHARS - 1) + "…" : summary;
+    const full = document.createElement("pre");
+    full.textContent = text;
+    details.append(head, full);
+    td.appendChild(details);
+  }
+
+  function renderRejected(rejected, nodes) {
+    const names = new Map(nodes.map((node) => [node.node_id, node.name]));
     const rows = rejected.map((item) => {
       const tr = document.createElement("tr");
-      f.cell(tr, String(item.server_round), "num");
-      f.cell(tr, item.node_id, "mono");
-      f.cell(tr, item.reason);
+      f.cell(tr, String(item.server_round), "num round", item.server_round);
+      f.cell(tr, names.get(item.node_id) || "", "name");
+      f.cell(tr, item.node_id, "mono node-id");
+      reasonCell(tr, item.reason);
       return tr;
     });
     document.querySelector("#rejected-table tbody").replaceChildren(...rows);
@@ -186,8 +276,9 @@
         ["/rounds", "/nodes", "/rejected", "/diagnostics"].map((part) => f.fetchJSON(api + part)));
       renderCharts(rounds, diagnostics);
       renderNodes(nodes);
+      renderRoundsTable(rounds);
       renderEnergyTable(diagnostics);
-      renderRejected(rejected);
+      renderRejected(rejected, nodes);
       document.getElementById("config").textContent = JSON.stringify(run.config, null, 2);
       document.getElementById("out-dir").textContent = run.out_dir;
       lastStamp = stamp;

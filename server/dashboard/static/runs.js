@@ -10,10 +10,12 @@
     const link = document.createElement("a");
     link.href = "/runs/" + encodeURIComponent(run.run_id);
     link.textContent = run.run_id;
-    f.cell(tr, "", "run-id").appendChild(link);
+    f.cell(tr, "", "run-id mono").appendChild(link);
     const badge = document.createElement("span");
     f.statusBadge(badge, run.status);
     f.cell(tr, "", "status-cell").appendChild(badge);
+    const setup = run.config_summary || {};
+    f.cell(tr, [setup.model, setup.task, setup.rule].filter(Boolean).join(" · "), "setup");
     f.cell(tr, `${run.rounds_done} / ${run.rounds_planned}`, "num rounds", run.rounds_done);
     f.cell(tr, f.formatPercent(run.best_accuracy), "num best-accuracy", run.best_accuracy);
     f.cell(tr, f.formatTime(run.started_at), "started", run.started_at);
