@@ -17,6 +17,7 @@ from common.rule_names import LINEAR_RULES, RULE_NAMES
 PARTITIONERS = ("dirichlet", "iid", "pathological")
 SCHEDULES = ("cosine", "linear")
 DP_MODES = ("off", "local", "central")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 def parse_ranks(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -113,6 +114,32 @@ class RunConfig:
     """Differential privacy: ``off``, ``local`` (DP-SGD on nodes) or ``central`` (clip + noise on the coordinator)."""
     secure_aggregation: bool = False
     """Aggregate with Flower's SecAgg+ (only for the linear rules)."""
+    noise_multiplier: float = 0.0
+    """DP noise multiplier z (DP-SGD per step under ``local``, per round under ``central``); 0: from target-epsilon."""
+    target_epsilon: float = 0.0
+    """ε budget at ``delta``: calibrates z when noise-multiplier is 0, and no party spends beyond it; 0: no budget."""
+    max_grad_norm: float = 1.0
+    """Local DP: DP-SGD's bound C on each example's gradient norm (over the LoRA factors and the head)."""
+    clip_norm: float = 1.0
+    """Central DP: bound C on the L2 norm of each client's whole round update (every module's ΔW and the head)."""
+    delta: float = 1e-5
+    """δ of the (ε, δ) guarantee."""
+    accountant: str = "rdp"
+    """Privacy accountant that composes the steps: ``rdp`` (Rényi DP) or ``prv`` (privacy random variables)."""
+    noise_seed: int = -1
+    """Fixed seed for DP noise and Poisson sampling, for tests only; -1 seeds every generator from the OS's CSPRNG."""
+    secagg_num_shares: float = 1.0
+    """SecAgg+ shares of each node's secret: a fraction (≤ 1) of the sampled nodes, or a count (an integer ≥ 3)."""
+    secagg_reconstruction_threshold: float = 0.67
+    """SecAgg+ shares needed to reconstruct a secret: a fraction (≤ 1) of the shares, or a count (an integer ≥ 2)."""
+    secagg_clipping_range: float = 8.0
+    """SecAgg+ clips every (weighted) entry to ±this before quantising; a node refuses to send an entry beyond it."""
+    secagg_quantization_range: int = 4194304
+    """SecAgg+ quantisation levels (2^22): the sum is exact to m·2·clipping-range/this per entry for m nodes."""
+    secagg_modulus_range: int = 4294967296
+    """SecAgg+ modulus of the masked integers (a power of 2, at most 2^32, above the quantisation range)."""
+    secagg_max_weight: float = 1000.0
+    """SecAgg+ weights each node by num-examples / this (≤ 1 required); larger weights lose precision, not privacy."""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """Other keys (e.g. ``labels`` for local data files); not part of equality or hashing."""
 
@@ -132,6 +159,7 @@ class RunConfig:
                 f"secure aggregation cannot be combined with rule {self.rule!r}: it only reveals the sum of the "
                 f"updates, while {self.rule!r} needs each client's factors; use one of {sorted(LINEAR_RULES)}"
             )
+        self._check_privacy()
         for name in ("local_steps", "batch_size", "max_length", "eval_examples", "max_rank", "min_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -146,6 +174,45 @@ class RunConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def _check_privacy(self) -> None:
+        """DP and SecAgg+ keys: ranges, and the combinations that cannot work."""
+        if self.dp == "central" and self.secure_aggregation:
+            raise ValueError(
+                "dp='central' cannot be combined with secure aggregation: central DP clips each client's update on "
+                "the coordinator, and secure aggregation hides the individual updates from it; use dp='local'"
+            )
+        for name in ("noise_multiplier", "target_epsilon"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.dp != "off" and self.noise_multiplier == 0 and self.target_epsilon == 0:
+            raise ValueError(f"dp={self.dp!r} needs noise-multiplier > 0 or target-epsilon > 0, got both 0")
+        for name in ("max_grad_norm", "clip_norm", "secagg_clipping_range", "secagg_max_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name.replace('_', '-')} must be a positive number, got {value}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.noise_seed < -1:
+            raise ValueError(f"noise-seed must be -1 (OS randomness) or a seed >= 0, got {self.noise_seed}")
+        _check_share_setting("secagg-num-shares", self.secagg_num_shares, 3)
+        _check_share_setting("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, 2)
+        if 1 < self.secagg_num_shares <= self.secagg_reconstruction_threshold:
+            raise ValueError(
+                f"secagg-reconstruction-threshold must be below secagg-num-shares ({self.secagg_num_shares:g}), "
+                f"got {self.secagg_reconstruction_threshold:g}"
+            )
+        if self.secagg_quantization_range < 2:
+            raise ValueError(f"secagg-quantization-range must be at least 2, got {self.secagg_quantization_range}")
+        modulus = self.secagg_modulus_range
+        if modulus <= self.secagg_quantization_range or modulus > 2**32 or modulus & (modulus - 1):
+            raise ValueError(
+                f"secagg-modulus-range must be a power of 2 above secagg-quantization-range and at most 2^32, "
+                f"got {modulus}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -175,6 +242,12 @@ class RunConfig:
     def rank_for_partition(self, partition_id: int) -> int:
         """The default rank of simulated node ``partition_id``."""
         return self.node_ranks[partition_id % len(self.node_ranks)]
+
+
+def _check_share_setting(key: str, value: float, least_count: int) -> None:
+    """A SecAgg+ share setting is a fraction in (0, 1] or a whole count of at least ``least_count``."""
+    if not (math.isfinite(value) and (0 < value <= 1 or (float(value).is_integer() and value >= least_count))):
+        raise ValueError(f"{key} must be a fraction in (0, 1] or an integer >= {least_count}, got {value}")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
