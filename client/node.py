@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ import torch
 from peft import PeftModel
 
 from client.data import node_data, num_labels_for, tokenize
+from client.dp_train import LocalDPSettings, train_private
 from client.model import (
     LoRASettings,
     attach_lora,
@@ -23,6 +26,7 @@ from client.model import (
     load_classifier,
     resolve_model,
 )
+from client.privacy import NodePrivacyState, ledger_path, state_dir
 from client.train import Batch, TrainSettings, evaluate, pick_device, train
 from common.aggregation import svd_reproject
 from common.config import RunConfig
@@ -45,10 +49,15 @@ class NodeSettings:
     """How many shares the packaged task is split into."""
     name: str
     """Display name."""
+    state_dir: str = ""
+    """Folder for state that must outlive the process (the privacy ledger); node-config ``state-dir``."""
 
     @classmethod
     def from_node_config(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSettings:
-        """Read ``lora-rank``, ``model``, ``data``, ``partition-id``, ``num-partitions``, ``node-name``."""
+        """Settings from this node's node-config.
+
+        Keys: ``lora-rank``, ``model``, ``data``, ``partition-id``, ``num-partitions``, ``node-name``, ``state-dir``.
+        """
         partition_id = int(node_config.get("partition-id", 0))
         num_partitions = int(node_config.get("num-partitions", 1))
         raw_rank = node_config.get("lora-rank", cfg.rank_for_partition(partition_id))
@@ -65,6 +74,7 @@ class NodeSettings:
             partition_id=partition_id,
             num_partitions=num_partitions,
             name=str(node_config.get("node-name", f"partition-{partition_id}")),
+            state_dir=str(node_config.get("state-dir", "")),
         )
 
 
@@ -125,30 +135,63 @@ def fit_to_rank(ins: Instruction, settings: LoRASettings) -> AdapterFactors:
     return AdapterFactors(lora, ins.adapter.head)
 
 
+def privacy_state(cfg: RunConfig, node: NodeSettings) -> NodePrivacyState:
+    """This node's ledger for this run: one file per (node name, seed, coordinator out-dir) in the state folder.
+
+    The out-dir is only hashed (nodes cannot see coordinator paths); it tells runs apart and is the same when a
+    run is resumed, so ε continues across node and coordinator restarts.
+    """
+    run_key = hashlib.sha256(f"{cfg.seed}|{cfg.out_dir}".encode()).hexdigest()[:12]
+    path = ledger_path(state_dir(node.state_dir), node.name, run_key)
+    return NodePrivacyState(path, delta=cfg.delta, mechanism=cfg.accountant)
+
+
+def local_dp_settings(cfg: RunConfig, node: NodeSettings, server_round: int) -> LocalDPSettings:
+    """DP-SGD settings of this node; a fixed noise seed (tests only) differs per node and round."""
+    seed = None if cfg.noise_seed < 0 else cfg.noise_seed * 100_003 + server_round * 1_009 + node.partition_id
+    return LocalDPSettings(
+        noise_multiplier=cfg.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        delta=cfg.delta,
+        target_epsilon=cfg.target_epsilon,
+        accountant=cfg.accountant,
+        planned_steps=cfg.num_rounds * cfg.local_steps,
+        seed=seed,
+    )
+
+
 def train_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> TrainReply:
-    """Load the global adapter at this node's rank, train locally, return only the factors and the head."""
+    """Load the global adapter at this node's rank, train locally (DP-SGD under local DP), return factors and head.
+
+    Under ``dp = "local"`` the reply's ``epsilon`` is this node's cumulative ε; a node whose budget is spent raises
+    :class:`client.dp_train.PrivacyBudgetExhausted`, which Flower turns into an error reply with the reason.
+    """
     model, settings = build_model(cfg, node, ins)
     if ins.freeze_lora_A:
         freeze_lora_A_inplace(model)
     train_batch, _, num_examples = _tokenized(cfg, node, str(resolve_model(node.model)))
-    result = train(
-        model,
-        train_batch,
-        TrainSettings(
-            steps=cfg.local_steps,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            warmup_ratio=cfg.warmup_ratio,
-            schedule=cfg.schedule,
-            seed=cfg.seed * 100_003 + ins.server_round * 1_009 + node.partition_id,
-        ),
-        pick_device(),
+    train_settings = TrainSettings(
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_ratio=cfg.warmup_ratio,
+        schedule=cfg.schedule,
+        seed=cfg.seed * 100_003 + ins.server_round * 1_009 + node.partition_id,
     )
-    metrics = {
+    privacy: dict[str, float] = {}
+    if cfg.dp == "local":
+        dp = local_dp_settings(cfg, node, ins.server_round)
+        private = train_private(model, train_batch, train_settings, dp, privacy_state(cfg, node), pick_device())
+        result = private.result
+        privacy = {"epsilon": private.epsilon, "noise-multiplier": private.noise_multiplier}
+    else:
+        result = train(model, train_batch, train_settings, pick_device())
+    losses = {
         "train-loss": result.mean_loss,
         "train-loss-first": result.first_loss,
         "train-loss-last": result.last_loss,
     }
+    metrics = {k: v for k, v in losses.items() if math.isfinite(v)} | privacy
     return TrainReply(get_adapter(model), num_examples, node_info(cfg, node), metrics)
 
 

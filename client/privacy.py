@@ -6,7 +6,8 @@ gradient to L2 norm ≤ C, sums, adds N(0, (z·C)²) and divides by the expected
 classifier head (``modules_to_save``), which are the only things a node releases.
 
 The node's ε is cumulative over rounds and restarts: :class:`NodePrivacyState` keeps a
-:class:`common.accounting.PrivacyLedger` in a JSON file, written atomically.
+:class:`common.accounting.PrivacyLedger` in a JSON file, written atomically, in the node's state folder
+(:func:`state_dir`): node-config ``state-dir``, else ``$FEDLORA_STATE_DIR``, else ``~/.cache/fedlora/state``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.accounting import PrivacyLedger, check_delta, check_entry
+from common.accounting import PrivacyLedger, check_delta, check_entry  # first: it imports Opacus quietly
 from common.dp import make_generator
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+STATE_DIR_ENV = "FEDLORA_STATE_DIR"
+"""Environment variable naming the folder of node-side privacy ledgers (when node-config has no ``state-dir``)."""
 
 OPACUS_PREFIX = "_module."
 """What ``GradSampleModule`` puts in front of every key of the wrapped model's ``state_dict``."""
@@ -60,6 +64,11 @@ def attach_dp_sgd(
     for which the same ε is only a heuristic. Poisson batches can be empty: HF models fail on a zero-length batch,
     so call :func:`noise_only_step` for those instead of a forward pass.
     """
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got noise_multiplier={noise_multiplier}")
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
@@ -159,6 +168,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def state_dir(node_state_dir: str = "") -> Path:
+    """Where a node keeps its privacy ledgers: node-config ``state-dir``, ``$FEDLORA_STATE_DIR``, or the cache.
+
+    It must outlive the ClientApp process (Flower starts one per message) and the SuperNode, so it is a folder on
+    the node, never a coordinator path.
+    """
+    chosen = node_state_dir or os.environ.get(STATE_DIR_ENV, "")
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "fedlora" / "state"
+
+
+def ledger_path(folder: Path, node_name: str, run_key: str) -> Path:
+    """``<folder>/<node-name>-<run-key>.json``, with characters other than letters, digits, ``-_.`` replaced."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{node_name}-{run_key}")
+    return folder / f"{safe}.json"
 
 
 class NodePrivacyState:

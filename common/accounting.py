@@ -17,15 +17,34 @@ As in Opacus (``accountants/analysis/rdp.py`` vs ``accountants/rdp.py``), the ma
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
+
+
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Undo what an import adds to the root logger (Opacus 1.6 calls ``logging.basicConfig`` on import, and its
+    handler would print every Flower log line a second time)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
+with _root_logging_kept():
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+    from opacus.accountants.utils import get_noise_multiplier
 
 HistoryEntry: TypeAlias = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, num_steps)``."""
