@@ -3,6 +3,10 @@
 The global update of every module is kept in factored form at ``store_rank`` with scaling 1
 (ΔW̄ ≈ B_g·A_g). Serving node j is the same rule applied to that single factorisation with target
 (r_j, s_j): a truncated SVD for ``svd``, the leading slices for ``fedavg`` and ``ffa``.
+
+With central DP (:mod:`server.central_dp`) the aggregate is DP-FedAvg over the clients' round changes, with uniform
+weights, and ε is reported with every aggregate. Under secure aggregation (:mod:`server.secure`) the coordinator
+only ever sees the weighted means, and :meth:`GlobalAdapter.load_means` installs them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import numpy as np
 import torch
 
 from common.aggregation import get_rule
+from common.config import RunConfig
 from common.diagnostics import energy_kept, fedavg_error
 from common.lora import lora_scaling
 from common.updates import AdapterFactors, TrainReply
+from server.central_dp import CentralDP
 
 
 @dataclass
@@ -39,6 +45,13 @@ class GlobalAdapter:
     store_rank: int
     lora: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     head: dict[str, np.ndarray] = field(default_factory=dict)
+    central_dp: CentralDP | None = None
+    """Client-level DP (clip, noise, account) when the run has ``dp = "central"``."""
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> GlobalAdapter:
+        """The global adapter a run needs: ``rule``, ``max-rank`` and, under ``dp = "central"``, its DP state."""
+        return cls(cfg.rule, cfg.max_rank, central_dp=CentralDP.from_config(cfg) if cfg.dp == "central" else None)
 
     @property
     def empty(self) -> bool:
@@ -56,8 +69,21 @@ class GlobalAdapter:
             lora[module] = (_f32(a), _f32(b))
         return AdapterFactors(lora, dict(self.head))
 
-    def aggregate(self, replies: Sequence[TrainReply], diagnose_ranks: Sequence[int]) -> RoundAggregate:
-        """Replace the global factors by the rule's aggregate of ``replies`` (weighted by num_examples)."""
+    def aggregate(
+        self,
+        replies: Sequence[TrainReply],
+        diagnose_ranks: Sequence[int],
+        *,
+        num_sampled: int | None = None,
+        num_available: int | None = None,
+    ) -> RoundAggregate:
+        """Replace the global factors by the rule's aggregate of ``replies`` (weighted by num_examples).
+
+        Under central DP: the noisy uniform mean of the clipped changes over ``num_sampled`` nodes (default: the
+        replies), accounted at q = ``num_sampled`` / ``num_available`` (default 1).
+        """
+        if self.central_dp is not None:
+            return self._aggregate_private(self.central_dp, replies, diagnose_ranks, num_sampled, num_available)
         rule = get_rule(self.rule)
         weights = [float(r.num_examples) for r in replies]
         started = time.perf_counter()
@@ -77,6 +103,53 @@ class GlobalAdapter:
         self.lora, self.head = lora, head
         return RoundAggregate(seconds, diagnostics)
 
+    def _aggregate_private(
+        self,
+        dp: CentralDP,
+        replies: Sequence[TrainReply],
+        ranks: Sequence[int],
+        num_sampled: int | None,
+        num_available: int | None,
+    ) -> RoundAggregate:
+        """Central DP aggregate; diagnostics only of the released (noisy) global, never of a client's update."""
+        started = time.perf_counter()
+        m = num_sampled or len(replies)
+        released = dp.aggregate(self.rule, (self.lora, self.head), replies, self.store_rank, m, num_available)
+        if released is not None:
+            lora, head = released
+            self._commit({m: (_f32(a), _f32(b)) for m, (a, b) in lora.items()}, {k: _f32(v) for k, v in head.items()})
+        seconds = time.perf_counter() - started
+        return RoundAggregate(seconds, self.global_diagnostics(ranks), epsilon=dp.epsilon)
+
+    def global_diagnostics(self, ranks: Sequence[int]) -> dict[str, dict[str, float]]:
+        """Energy kept at each rank by the global adapter itself: what can be reported without any client's update."""
+        return {
+            module: {
+                f"energy_kept_r{r}": k for r, k in zip(ranks, energy_kept([(a, b, 1.0)], [1.0], ranks), strict=True)
+            }
+            for module, (a, b) in self.lora.items()
+        }
+
+    def load_means(self, lora: dict[str, tuple[np.ndarray, np.ndarray]], head: dict[str, np.ndarray]) -> None:
+        """Install weighted means computed elsewhere (SecAgg+): per module (Ā, s·B̄) zero-padded to the largest rank.
+
+        For ``fedavg`` these are the rule's two means; for ``ffa`` Ā is the shared frozen lora_A. The rule applied
+        to that one factorisation at (``store_rank``, 1) gives what :meth:`aggregate` would have stored.
+        """
+        rule = get_rule(self.rule)
+        stored = {}
+        for module, (a_mean, sb_mean) in lora.items():
+            ((a, b),) = rule([(a_mean, sb_mean, 1.0)], [1.0], [(self.store_rank, 1.0)])
+            stored[module] = (_f32(a), _f32(b))
+        self._commit(stored, {k: np.asarray(v, dtype=np.float32) for k, v in head.items()})
+
+    def _commit(self, lora: dict[str, tuple[np.ndarray, np.ndarray]], head: dict[str, np.ndarray]) -> None:
+        """Replace the global adapter, refusing non-finite values (the previous one is kept)."""
+        arrays = [x for pair in lora.values() for x in pair] + list(head.values())
+        if not all(np.isfinite(x).all() for x in arrays):
+            raise FloatingPointError("the aggregate has non-finite entries; the global adapter is kept")
+        self.lora, self.head = lora, head
+
     def _diagnostics(
         self, replies: Sequence[TrainReply], weights: Sequence[float], ranks: Sequence[int]
     ) -> dict[str, dict[str, float]]:
@@ -95,11 +168,20 @@ class GlobalAdapter:
         return self.serve(rank, lora_scaling(lora_alpha, rank, use_rslora))
 
     def extra_state(self) -> dict[str, Any]:
-        """JSON-safe state besides the arrays (e.g. a privacy accountant) for the checkpoint."""
-        return {}
+        """JSON-safe state besides the arrays for the checkpoint: the central-DP accountant, if any."""
+        return {} if self.central_dp is None else {"central-dp": self.central_dp.state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore ``extra_state``."""
+        """Restore ``extra_state``; a checkpoint's accountant needs a run with central DP, and vice versa."""
+        saved = state.get("central-dp")
+        if (saved is None) != (self.central_dp is None):
+            raise ValueError(
+                "checkpoint and run disagree about central DP: "
+                f"checkpoint {'has' if saved is not None else 'has no'} accountant, run has "
+                f"dp={'central' if self.central_dp is not None else 'off or local'}; resume with the run's own config"
+            )
+        if self.central_dp is not None and saved is not None:
+            self.central_dp.load_state(saved)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat arrays for a checkpoint."""
