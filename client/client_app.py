@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from client.faults import fault_mod
 from client.node import NodeSettings, evaluate_node, node_info, train_node
+from client.secure import secure_train_mod
 from common import records
 from common.config import RunConfig
 
@@ -26,9 +27,12 @@ def query(msg: Message, context: Context) -> Message:
     return Message(records.encode_query_reply(node_info(cfg, node)), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_train_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train LoRA at this node's rank from the global factors; reply with factors, head and metrics only."""
+    """Train LoRA at this node's rank from the global factors; reply with factors, head and metrics only.
+
+    Under secure aggregation, ``secure_train_mod`` runs SecAgg+ around this handler and masks the reply.
+    """
     cfg, node = _setup(context)
     instruction = records.decode_instruction(msg.content)
     reply = train_node(cfg, node, instruction)

@@ -1,0 +1,254 @@
+"""Secure aggregation with Flower's SecAgg+ for the linear rules (``fedavg``, ``ffa``): the coordinator's side.
+
+SecAgg+ (Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS, ePrint
+2020/704), built on SecAgg (Bonawitz et al. 2017, CCS, ePrint 2017/281): nodes mask their quantised vectors with
+pairwise and private masks whose seeds are Shamir-shared with their neighbours; the coordinator can remove the masks
+only of the sum, even when some nodes drop out. Flower 1.42 has it only as a legacy workflow
+(``SecAggPlusWorkflow`` over a ``LegacyContext`` and a legacy ``Strategy``). Everything else of a fedlora round stays
+on the Message API through :class:`server.strategy.LoRAStrategy`; only the train phase runs through the workflow:
+
+1. ``LoRAStrategy.configure_train`` samples nodes and builds each one's instruction (the global adapter at its
+   rank); the round's padding rank R (the largest sampled rank) is added.
+2. The workflow's four stages run (setup, share keys, collect masked vectors, unmask). In the third, each node
+   trains and sends its zero-padded summands masked (:mod:`client.secure`).
+3. :class:`SecureRound` receives the unmasked weighted means with each node's clear metadata, and
+   :meth:`GlobalAdapter.load_means` installs them: the ``fedavg``/``ffa`` aggregate, up to quantisation.
+4. ``LoRAStrategy.configure_evaluate``/``aggregate_evaluate`` evaluate, record and checkpoint the round as usual.
+
+What the coordinator can no longer do: validate, reject or clip one update (it never sees one: a malformed or
+poisoned update goes into the sum), or compute per-client diagnostics (only those of the new global are recorded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.server_config import ServerConfig
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common import records
+from common.config import RunConfig
+from common.secure_records import SecureReply, decode_fit_res, decode_means, with_pad_rank
+from common.secure_sum import means_from_sums
+from server.checkpoint import load_latest_checkpoint
+from server.recorder import RunRecorder
+from server.secure_grid import RecordingGrid
+from server.server_app import _previous_run_id, output_dir, store_path
+from server.strategy import LoRAStrategy
+
+
+class SecureRound(Strategy):
+    """The legacy strategy the workflow calls for one round: it names the nodes and keeps what comes back."""
+
+    def __init__(self, node_ids: list[int], grid: Grid) -> None:
+        self.node_ids = node_ids
+        self.grid = grid
+        self.results: list[tuple[ClientProxy, FitRes]] | None = None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """The sampled nodes (their instructions are the fedlora ones, set by :class:`LoRASecAggPlus`)."""
+        run_id = self.grid.run.run_id
+        return [(GridClientProxy(n, self.grid, run_id), FitIns(parameters, {})) for n in self.node_ids]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Keep the results (each FitRes holds the unmasked mean); the global adapter is updated by the caller."""
+        self.results = list(results)
+        return None, {}
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Nothing: the global adapter lives in :class:`LoRAStrategy`."""
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Nothing: evaluation stays on the Message API."""
+        return []
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Nothing: evaluation stays on the Message API."""
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """No central evaluation."""
+        return None
+
+
+class LoRASecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow whose third stage carries each node's own fedlora instruction."""
+
+    def __init__(self, instructions: Mapping[int, RecordDict], cfg: RunConfig) -> None:
+        super().__init__(
+            num_shares=_share_setting(cfg.secagg_num_shares),
+            reconstruction_threshold=_share_setting(cfg.secagg_reconstruction_threshold),
+            max_weight=cfg.secagg_max_weight,
+            clipping_range=cfg.secagg_clipping_range,
+            quantization_range=cfg.secagg_quantization_range,
+            modulus_range=cfg.secagg_modulus_range,
+            timeout=cfg.round_timeout,
+        )
+        self.instructions = instructions
+        self.unmask_seconds = 0.0
+        """Time the coordinator spent removing the masks (the aggregation proper)."""
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's setup, then swap the legacy FitIns for the per-node instructions (sent in the third stage)."""
+        proceed = super().setup_stage(grid, context, state)
+        state.nid_to_fitins = {nid: self.instructions[nid] for nid in state.nid_to_fitins}
+        return bool(proceed)
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's unmask stage, timed."""
+        started = time.perf_counter()
+        try:
+            return bool(super().unmask_stage(grid, context, state))
+        finally:
+            self.unmask_seconds = time.perf_counter() - started
+
+
+def _share_setting(value: float) -> int | float:
+    """Flower reads a float as a fraction and an int as a count."""
+    return int(value) if value > 1 else float(value)
+
+
+def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
+    """The whole run with SecAgg+ train rounds: round 0 evaluation (or resume), the rounds, the exported adapter."""
+    out_dir = output_dir(cfg)
+    checkpoint = load_latest_checkpoint(out_dir / "checkpoints", required=True) if cfg.resume else None
+    run_id = _previous_run_id(out_dir) if checkpoint else str(context.run_id)
+    recorder = RunRecorder(cfg, out_dir, run_id, store_path(cfg, out_dir), resume=checkpoint is not None)
+    strategy = LoRAStrategy(cfg, recorder)
+    if checkpoint is not None:
+        strategy.restore(checkpoint.server_round, checkpoint.arrays, checkpoint.meta)
+        recorder.rows = list(checkpoint.meta.get("metrics", []))
+        log(INFO, "fedlora | resuming %s after round %d (SecAgg+)", out_dir, checkpoint.server_round)
+    else:
+        strategy.evaluate_round_zero(grid)
+    try:
+        for server_round in range(1, cfg.num_rounds - strategy.round_offset + 1):
+            secure_train_round(grid, context, cfg, strategy, server_round)
+            evaluate = strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
+            replies = grid.send_and_receive(evaluate, timeout=cfg.round_timeout)
+            strategy.aggregate_evaluate(server_round, replies)
+    except BaseException:
+        recorder.finish(None, 0, status="failed")
+        raise
+    rank = max((info.rank for info in strategy.nodes.values()), default=1)
+    path = recorder.finish(strategy.global_adapter.export(rank, cfg.lora_alpha, cfg.use_rslora), rank)
+    log(INFO, "fedlora | done (SecAgg+): outputs in %s, adapter %s", out_dir, path)
+
+
+def secure_train_round(grid: Grid, context: Context, cfg: RunConfig, strategy: LoRAStrategy, server_round: int) -> None:
+    """One train phase through SecAgg+; the round's log in ``strategy.pending`` is filled as the normal path does."""
+    messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+    global_round = server_round + strategy.round_offset
+    node_ids = [int(m.metadata.dst_node_id) for m in messages]
+    pad_rank = max((strategy.nodes[n].rank if n in strategy.nodes else cfg.max_rank for n in node_ids), default=1)
+    instructions = {n: with_pad_rank(m.content, pad_rank) for n, m in zip(node_ids, messages, strict=True)}
+    round_strategy = SecureRound(node_ids, grid)
+    recording = RecordingGrid(grid)
+    workflow = LoRASecAggPlus(instructions, cfg)
+    workflow(recording, _legacy_context(context, cfg, round_strategy, global_round))
+    started = time.perf_counter()
+    results = round_strategy.results or []
+    replies: dict[int, SecureReply] = {}
+    for proxy, fit_res in results:
+        try:
+            replies[int(proxy.node_id)] = decode_fit_res(fit_res)
+        except records.RecordError as err:
+            recording.errors[int(proxy.node_id)] = f"malformed SecAgg+ metadata: {err}"
+    pending = strategy.pending
+    pending.rejected.extend(
+        (n, recording.errors.get(n, "dropped out of SecAgg+ (no reply within round-timeout)"))
+        for n in node_ids
+        if n not in replies
+    )
+    reason = _skip_reason(results, replies, cfg)
+    if reason is None:
+        reason = _install(strategy, results[0][1].parameters, replies, cfg)
+    if reason is not None:
+        pending.skipped = reason
+        log(WARNING, "round %d skipped: %s", global_round, reason)
+        return
+    for node_id, reply in replies.items():
+        strategy.nodes[node_id] = reply.node
+        strategy.recorder.node_seen(node_id, reply.node, global_round)
+    pending.participants = sorted(replies)
+    pending.bytes_up = {n: b for n, b in recording.masked_bytes.items() if n in replies}
+    pending.aggregation_seconds = workflow.unmask_seconds + time.perf_counter() - started
+    pending.metrics.update(_weighted_train_loss(list(replies.values())))
+    pending.epsilon = max((r.metrics["epsilon"] for r in replies.values() if "epsilon" in r.metrics), default=None)
+    ranks = sorted({info.rank for info in strategy.nodes.values()})
+    pending.diagnostics = strategy.global_adapter.global_diagnostics(ranks)
+
+
+def _skip_reason(
+    results: list[tuple[ClientProxy, FitRes]], replies: Mapping[int, SecureReply], cfg: RunConfig
+) -> str | None:
+    """Why the round's sum cannot be used, or None."""
+    if not results:
+        return "secure aggregation did not complete (too few nodes answered at some stage); global adapter kept"
+    if len(replies) < len(results):
+        return "a node's clear metadata was malformed and the sum cannot be split; global adapter kept"
+    if len(replies) < cfg.min_nodes:
+        return f"only {len(replies)} nodes in the secure sum, fewer than min-nodes={cfg.min_nodes}; global adapter kept"
+    if len({tuple(r.summand_keys) for r in replies.values()}) != 1:
+        return "nodes disagree on the summand layout; global adapter kept"
+    return None
+
+
+def _install(
+    strategy: LoRAStrategy, parameters: Parameters, replies: Mapping[int, SecureReply], cfg: RunConfig
+) -> str | None:
+    """Put the unmasked means into the global adapter; a reason when they cannot be used."""
+    keys = next(iter(replies.values())).summand_keys
+    try:
+        lora, head = means_from_sums(keys, decode_means(parameters), cfg.rule)
+        strategy.global_adapter.load_means(lora, head)
+    except (ValueError, FloatingPointError) as err:
+        return f"the secure aggregate cannot be used: {err}; global adapter kept"
+    return None
+
+
+def _weighted_train_loss(replies: list[SecureReply]) -> dict[str, float]:
+    pairs = [(r.metrics["train-loss"], r.num_examples) for r in replies if "train-loss" in r.metrics]
+    total = sum(n for _, n in pairs)
+    return {"train-loss": sum(v * n for v, n in pairs) / total} if total > 0 else {}
+
+
+def _legacy_context(context: Context, cfg: RunConfig, strategy: SecureRound, server_round: int) -> LegacyContext:
+    """A LegacyContext of its own (the workflow writes into its state), at ``server_round``."""
+    state = RecordDict(
+        {
+            MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+            MAIN_PARAMS_RECORD: ArrayRecord(),
+        }
+    )
+    base = Context(context.run_id, context.node_id, context.node_config, state, context.run_config)
+    return LegacyContext(base, ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout), strategy)
