@@ -15,6 +15,7 @@ built, so costs scale with (out + in)·r instead of out·in.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -44,11 +45,14 @@ def as_tensor(value: Any, name: str, dtype: torch.dtype | None = None) -> Tensor
     if isinstance(value, np.ndarray):
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {value.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        with warnings.catch_warnings():
+            # Arrays decoded from received bytes are read-only; nothing here writes into its inputs.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
     elif isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        tensor = value
+        tensor = value.detach()  # aggregation is not differentiated; a live graph would only hold memory
     else:
         raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
     return tensor if dtype is None else tensor.to(dtype)
