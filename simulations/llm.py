@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.compare import EXPERIMENTS
-from simulations.compare_cells import parse_set, quiet_warnings, say
+from simulations.compare_cells import parse_set, quiet_warnings, say, set_threads
 from simulations.launcher import PROJECT_DIR
 from simulations.simulate import merged_config, read_overlay
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=PROJECT_DIR / "runs" / "llm-friends", help="run folder")
     parser.add_argument("--results", type=Path, default=PROJECT_DIR / "docs" / "results", help="report folder")
     parser.add_argument("--every-round", action="store_true", help="evaluate after every round, not only the last")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     return parser
 
 
@@ -133,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_warnings()
+    if args.threads:
+        set_threads(args.threads)
     cfg, config = resolve(args)
     started = time.monotonic()
     cache_hit = cfg.model != "smollm2" or (smollm2_cache_folder() / "config.json").is_file()
