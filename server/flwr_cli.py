@@ -76,16 +76,19 @@ class FlwrCli:
         return path
 
     def run(self, *args: str, timeout: float = CLI_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``flwr ARGS``; raise ``FlwrCliError`` with its output if it fails and ``check``."""
-        done = subprocess.run(
-            [self.executable, *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        """Run ``flwr ARGS``; raise ``FlwrCliError`` with its output if it fails and ``check``, or if it hangs."""
+        try:
+            done = subprocess.run(
+                [self.executable, *args],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise FlwrCliError(f"flwr {' '.join(args)} did not answer within {timeout:.0f} s") from None
         if check and done.returncode != 0:
             output = (done.stdout + done.stderr).strip()
             raise FlwrCliError(f"flwr {' '.join(args)} failed ({done.returncode}): {output}")
@@ -155,3 +158,11 @@ class FlwrCli:
     def run_log(self, run_id: int) -> str:
         """Return the run's ServerApp log so far (``flwr log RUN_ID --show``)."""
         return self.run("log", str(run_id), self.connection, "--show", check=False).stdout
+
+    def stream_log(self, run_id: int) -> subprocess.Popen[bytes]:
+        """Start ``flwr log RUN_ID --stream``, which copies the ServerApp log to this process's stdout as it grows.
+
+        It ends by itself shortly after the run finishes; the caller stops it if it does not.
+        """
+        command = [self.executable, "log", str(run_id), self.connection, "--stream"]
+        return subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL)

@@ -1,4 +1,4 @@
-"""Register node keys with a deployed SuperLink, and submit a fedlora run and wait for it (compose services).
+"""Register node keys with a deployed SuperLink, submit a fedlora run, wait for it and check how it ended.
 
 ::
 
@@ -7,20 +7,23 @@
         --register /certs/node-0.pub --register /certs/node-1.pub
     # wait for 2 online SuperNodes, run the app, wait for the run (compose service `coordinator`)
     python -m server.submit --superlink superlink:9092 --root-cert /certs/ca.crt \\
-        --min-nodes 2 --app /app --run-config 'num-server-rounds=2'
+        --min-nodes 2 --app /app --run-config 'num-rounds=2' --run-config 'store="/outputs/fedlora.db"'
 
 Waits until the SuperLink answers (TLS verified with ``--root-cert``), registers the given node public keys (a key
 registered before is fine) and, with ``--app``, waits until ``--min-nodes`` SuperNodes are online, submits ``flwr
-run APP`` and waits for the run to finish. Exit status: 0 when the keys are registered and the run (if any) finished
-``completed``, 1 when a command or the run failed or timed out, 2 on bad arguments, 3 when the SuperLink stayed
-unreachable, 4 on a certificate problem.
+run APP``, waits for the run to finish and prints its ServerApp log. ``flwr run`` itself exits 0 as soon as the run
+is accepted, however the run ends; this command reads the final status with ``flwr ls`` instead. Exit status: 0 when
+the keys are registered and the run (if any) finished ``completed``, 1 when a command or the run failed or timed out,
+2 on bad arguments, 3 when the SuperLink stayed unreachable, 4 on a certificate problem.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,9 @@ from client.device_options import UsageError, check_root_cert, parse_host_port
 from server.flwr_cli import FlwrCli, FlwrCliError
 
 log = logging.getLogger("fedlora.submit")
-POLL_S = 3.0
+POLL_S = 5.0
+"""Seconds between ``flwr ls`` polls (each starts the ``flwr`` CLI: about 2 CPU seconds)."""
+STREAM_GRACE_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--register", action="append", default=[], type=Path, metavar="NODE.PUB", help="node public key (repeatable)")
     add("--min-nodes", type=int, default=2, metavar="N", help="wait for N online SuperNodes before the run (2)")
     add("--app", type=Path, default=None, help="Flower app folder (pyproject.toml) to run; none: register only")
-    add("--run-config", default="", help="run-config overrides, e.g. 'num-server-rounds=2' (default: none)")
+    add(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="'K=V ...'",
+        help="run-config overrides, e.g. 'num-rounds=2 model=\"tiny\"' (repeatable; keys must exist in the app)",
+    )
     add("--flwr-home", type=Path, default=Path(os.environ.get("FLWR_HOME", ".flwr")), help="$FLWR_HOME or .flwr")
     add("--timeout", type=float, default=3600.0, metavar="S", help="seconds for each wait (default 3600)")
     return parser
@@ -83,12 +94,29 @@ def submit_and_wait(cli: FlwrCli, args: argparse.Namespace) -> int:
         return 0
     online = wait_for_nodes(cli, args.min_nodes, args.timeout)
     log.info("%d SuperNodes online: %s", len(online), sorted(online))
-    run_id = cli.submit(args.app, args.run_config.strip() or None)
-    log.info("run %d submitted; waiting for it to finish", run_id)
-    status = cli.wait_run(run_id, args.timeout)
-    print(cli.run_log(run_id))
+    run_id = cli.submit(args.app, " ".join(part.strip() for part in args.run_config if part.strip()) or None)
+    log.info("run %d submitted; its ServerApp log follows", run_id)
+    status = follow_run(cli, run_id, args.timeout)
     log.info("run %d %s", run_id, status)
     return 0 if status == "finished:completed" else 1
+
+
+def follow_run(cli: FlwrCli, run_id: int, timeout: float) -> str:
+    """Stream the run's log to stdout until it finishes; return its final status (``finished:completed``, ...).
+
+    The log stream ends by itself when the run does; if it ends early (e.g. a dropped connection), ``flwr ls`` is
+    polled instead until the run has finished.
+    """
+    deadline = time.monotonic() + timeout
+    streamer = cli.stream_log(run_id)
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            streamer.wait(timeout=timeout)
+        return cli.wait_run(run_id, max(deadline - time.monotonic(), 0.0), poll_s=POLL_S)
+    finally:
+        if streamer.poll() is None:
+            streamer.terminate()
+            streamer.wait(timeout=STREAM_GRACE_S)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ Usage::
         a = dep.start_supernode(0, node_config={"lora-rank": 2, "partition-id": 0, "num-partitions": 2})
         b = dep.start_supernode(1, node_config={"lora-rank": 8, "partition-id": 1, "num-partitions": 2})
         dep.wait_online([a, b])
-        run_id = dep.run_app(APP_DIR, run_config={"num-server-rounds": 2})
+        run_id = dep.run_app(APP_DIR, run_config={"num-rounds": 2})
         dep.wait_run(run_id)                              # polls `flwr ls --format json`
     # every process started here is stopped: SIGTERM to its process group, SIGKILL after a grace period,
     # and any descendant that left the group (SuperExec, ServerApp) as well
@@ -36,10 +36,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from client.device_options import node_config_string
@@ -74,6 +75,31 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextmanager
+def bounded(seconds: int) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the main thread if the block runs past ``seconds`` (SIGALRM; Linux and macOS)."""
+
+    def overrun(_signum: int, _frame: FrameType | None) -> None:
+        raise TimeoutError(f"ran past {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, overrun)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
 
 
 @dataclass
@@ -317,6 +343,14 @@ class Deployment:
         """Start ``fedlora client ARGS`` (``python -m client.device``) as a device would."""
         return self.spawn(self._unique(name), [sys.executable, "-m", "client.device", *args])
 
+    def client_args(self, node: int, rank: int | str, *extra: str, superlink: str | None = None) -> list[str]:
+        """Return ``fedlora client`` arguments for node ``I``'s key and this SuperLink, tiny model and task."""
+        return [
+            *("--superlink", superlink or self.address, "--root-cert", str(self.certs.ca_cert)),
+            *("--key", str(self.certs.nodes[node].private), "--model", "tiny", "--data", "tiny"),
+            *("--rank", str(rank), *extra),
+        ]
+
     def _unique(self, name: str) -> str:
         taken = {proc.name for proc in self.procs}
         index, candidate = 1, name
@@ -338,6 +372,16 @@ class Deployment:
     def wait_run(self, run_id: int, timeout: float = 600.0) -> str:
         """Wait until the run is finished; return its final status (``finished:completed`` when it succeeded)."""
         return self.cli.wait_run(run_id, timeout, poll_s=3.0)
+
+    def process_tree(self) -> set[int]:
+        """Return the ids of the processes started here and their descendants that are still running.
+
+        The descendants seen now are remembered, so ``stop_all`` reaches them even after they left their group.
+        """
+        for proc in self.procs:
+            proc.remember_descendants()
+        pids = {proc.popen.pid for proc in self.procs} | {pid for proc in self.procs for pid in proc.descendants}
+        return {pid for pid in pids if running(pid)}
 
     def stop_all(self) -> None:
         """Stop every process this deployment started, SuperNodes first and the SuperLink last."""

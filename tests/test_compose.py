@@ -6,19 +6,24 @@ in ``compose/config/compose_spec.json``); without it they are skipped. Everythin
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from flwr.common.config import parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 
 from client.device_options import build_parser as device_parser
+from server.dashboard.cli import TOKEN_ENV
+from server.dashboard.cli import add_arguments as add_dashboard_arguments
 from server.submit import build_parser as submit_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +153,34 @@ def test_nodes_start_after_registration_and_the_coordinator_submits_the_app(comp
     for name in ("supernode-0", "supernode-1", "coordinator"):
         assert services[name]["depends_on"]["register"]["condition"] == "service_completed_successfully"
     assert services["register"]["depends_on"]["superlink"]["condition"] == "service_healthy"
+
+
+def _coordinator_run_config(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    coordinator = submit_parser().parse_args(_command(services["coordinator"])[3:])
+    return dict(parse_config_args([part for part in coordinator.run_config if part]))
+
+
+def test_the_coordinator_passes_only_run_config_keys_the_app_declares(compose: dict[str, Any]) -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    overrides = _coordinator_run_config(_services(compose))
+
+    assert set(overrides) <= set(declared)  # the SuperLink refuses a run with an unknown key
+    assert (overrides["model"], overrides["task"]) == (DEFAULTS["FEDLORA_MODEL"], DEFAULTS["FEDLORA_DATA"])
+
+
+def test_the_dashboard_serves_the_run_store_with_a_token_from_the_environment(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    dashboard = services["dashboard"]
+    parser = argparse.ArgumentParser()
+    add_dashboard_arguments(parser)
+
+    command = _command(dashboard)
+    args = parser.parse_args(command[3:])
+
+    assert command[:3] == ["python", "-m", "server.dashboard"]  # `fedlora dashboard`
+    assert (args.db, args.host, args.port) == (Path("/outputs/fedlora.db"), "0.0.0.0", 8050)
+    assert str(args.db) == _coordinator_run_config(services)["store"]  # the store the ServerApp writes
+    assert "outputs:/outputs" in dashboard["volumes"] and "8050:8050" in dashboard["ports"]
+    assert dashboard["environment"] == {TOKEN_ENV: f"${{{TOKEN_ENV}:-}}"}  # never a token in the file
+    assert "--token" not in " ".join(command)

@@ -11,10 +11,9 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
-from deploy import Deployment, Proc, free_port, wait_until
+from deploy import Deployment, Proc, bounded, free_port, running, wait_until
 
 from server.certs import CertPaths, create_certs
 
@@ -26,16 +25,8 @@ REFUSED_KEY = 2  # node-2's key is never registered
 
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
-    def overrun(_signum: int, _frame: FrameType | None) -> None:
-        raise TimeoutError(f"test ran past {TEST_TIMEOUT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, overrun)
-    signal.alarm(TEST_TIMEOUT_S)
-    try:
+    with bounded(TEST_TIMEOUT_S):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +53,9 @@ def _exits_refused(proc: Proc, *expected: str) -> str:
 
 
 def _client_args(dep: Deployment, node: int, root_cert: Path, superlink: str | None = None) -> list[str]:
-    return [
-        *("--superlink", superlink or dep.address, "--root-cert", str(root_cert)),
-        *("--key", str(dep.certs.nodes[node].private), "--data", "tiny", "--model", "tiny", "--rank", "2"),
-        *("--connect-timeout", "4"),
-    ]
+    args = dep.client_args(node, 2, "--connect-timeout", "4", superlink=superlink)
+    args[args.index("--root-cert") + 1] = str(root_cert)
+    return args
 
 
 def _one_error_line(proc: Proc) -> str:
@@ -148,14 +137,5 @@ def test_fedlora_client_joins_and_stops_cleanly_on_sigterm(dep: Deployment) -> N
 
     assert proc.wait(EXIT_TIMEOUT_S) == 0
     assert "fedlora client: stopped (SIGTERM)" in proc.log()
-    wait_until(lambda: not any(_running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
+    wait_until(lambda: not any(running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
     assert dep.online_node_ids() == set()
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie waiting to be reaped by init counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
