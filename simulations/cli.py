@@ -13,6 +13,15 @@ from simulations import simulate
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
 
 
+DELEGATED: dict[str, tuple[str, str]] = {
+    "dashboard": ("server.dashboard.cli", "serve the coordinator dashboard over a run store"),
+    "certs": ("server.certs", "create a CA, SuperLink certificate and node keys"),
+    "client": ("client.device", "join a federation from this device (starts a SuperNode)"),
+    "submit": ("server.submit", "submit a run to a SuperLink and wait for its final status"),
+}
+"""Commands whose own parser lives in another module; the rest of the command line is passed on untouched."""
+
+
 def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
     """A handler that passes the remaining arguments to ``module.main(argv)`` (imported only when used)."""
 
@@ -33,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations import centralized
 
     centralized.add_parser(subparsers)
-    for name, module, text in (
-        ("dashboard", "server.dashboard.cli", "serve the coordinator dashboard over a run store"),
-        ("certs", "server.certs", "create a CA, SuperLink certificate and node keys"),
-        ("client", "client.device", "join a federation from this device (starts a SuperNode)"),
-    ):
+    for name, (module, text) in DELEGATED.items():
         sub = subparsers.add_parser(name, help=text, add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
         sub.set_defaults(handler=_delegate(module))
@@ -55,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # argparse's catch-all would drop a first word that looks like an option
+        args = argparse.Namespace(handler=_delegate(DELEGATED[argv[0]][0]), rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
     except EXPECTED_ERRORS as err:

@@ -58,3 +58,10 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 def test_no_process_is_started_for_bad_input(tmp_path: Path) -> None:
     run_fedlora("simulate", "--rule", "median", "--out", str(tmp_path / "o"), timeout=120)
     assert not (tmp_path / "o" / "superlink.log").exists()
+
+
+@pytest.mark.parametrize("command", ["client", "dashboard", "certs", "submit"])
+def test_delegated_commands_receive_their_options(command: str) -> None:
+    done = run_fedlora(command, "--help", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"fedlora {command}" in done.stdout or "usage:" in done.stdout
