@@ -208,18 +208,20 @@ def svd_reproject(
     return [split_balanced(svd, rank, scaling) for rank, scaling in checked]
 
 
-def _pad_columns(t: Tensor, width: int) -> Tensor:
+def pad_columns(t: Tensor, width: int) -> Tensor:
+    """The first ``width`` columns of ``t``, zero-padded when it has fewer."""
     return t[:, :width] if t.shape[1] >= width else torch.nn.functional.pad(t, (0, width - t.shape[1]))
 
 
-def _pad_rows(t: Tensor, height: int) -> Tensor:
+def pad_rows(t: Tensor, height: int) -> Tensor:
+    """The first ``height`` rows of ``t``, zero-padded when it has fewer."""
     return t[:height] if t.shape[0] >= height else torch.nn.functional.pad(t, (0, 0, 0, height - t.shape[0]))
 
 
 def zero_padded_mean_b(factors: Sequence[LoRAFactors], p: Tensor) -> Tensor:
     """Σ p_i s_i B_i with every B_i zero-padded to the largest client rank (out × r_max)."""
     r_max = max(f.r for f in factors)
-    return torch.stack([p[i] * f.scaling * _pad_columns(f.lora_B, r_max) for i, f in enumerate(factors)]).sum(0)
+    return torch.stack([p[i] * f.scaling * pad_columns(f.lora_B, r_max) for i, f in enumerate(factors)]).sum(0)
 
 
 def fedavg_zero_pad(
@@ -237,8 +239,8 @@ def fedavg_zero_pad(
     factors, p = check_clients(clients, weights)
     r_max = max(f.r for f in factors)
     sb_mean = zero_padded_mean_b(factors, p)  # (out, r_max)
-    a_mean = torch.stack([p[i] * _pad_rows(f.lora_A, r_max) for i, f in enumerate(factors)]).sum(0)  # (r_max, in)
-    return [(_pad_rows(a_mean, rank), _pad_columns(sb_mean, rank) / scaling) for rank, scaling in checked]
+    a_mean = torch.stack([p[i] * pad_rows(f.lora_A, r_max) for i, f in enumerate(factors)]).sum(0)  # (r_max, in)
+    return [(pad_rows(a_mean, rank), pad_columns(sb_mean, rank) / scaling) for rank, scaling in checked]
 
 
 def shared_lora_a(factors: Sequence[LoRAFactors], rtol: float = 1e-5) -> Tensor:
@@ -266,7 +268,7 @@ def ffa(clients: Sequence[ClientFactors], weights: Sequence[float], targets: Seq
     factors, p = check_clients(clients, weights)
     a_shared = shared_lora_a(factors)  # (r_max, in)
     sb_mean = zero_padded_mean_b(factors, p)  # (out, r_max)
-    return [(_pad_rows(a_shared, rank), _pad_columns(sb_mean, rank) / scaling) for rank, scaling in checked]
+    return [(pad_rows(a_shared, rank), pad_columns(sb_mean, rank) / scaling) for rank, scaling in checked]
 
 
 RULES: dict[str, AggregationRule] = {"svd": svd_reproject, "fedavg": fedavg_zero_pad, "ffa": ffa}

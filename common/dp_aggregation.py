@@ -30,6 +30,8 @@ from common.aggregation import (
     FactorPair,
     check_clients,
     check_targets,
+    pad_columns,
+    pad_rows,
     shared_lora_a,
     split_balanced,
     stack_factors,
@@ -153,14 +155,6 @@ def dp_svd_reproject(
     return [split_balanced(svd, rank, scaling) for rank, scaling in checked]
 
 
-def _pad_columns(t: Tensor, width: int) -> Tensor:
-    return t[:, :width] if t.shape[1] >= width else torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-
-def _pad_rows(t: Tensor, height: int) -> Tensor:
-    return t[:height] if t.shape[0] >= height else torch.nn.functional.pad(t, (0, 0, 0, height - t.shape[0]))
-
-
 def dp_ffa(
     clients: Sequence[ClientFactors],
     targets: Sequence[TargetSpec],
@@ -186,7 +180,7 @@ def dp_ffa(
     m, p = _uniform(factors, num_clients)
     sb_mean = zero_padded_mean_b(factors, p)  # (out, r_max)
     sb_noisy = add_gaussian_noise(sb_mean, gaussian_noise_std(noise_multiplier, clip_norm, m), generator)
-    return [(_pad_rows(a_shared, rank), _pad_columns(sb_noisy, rank) / scaling) for rank, scaling in checked]
+    return [(pad_rows(a_shared, rank), pad_columns(sb_noisy, rank) / scaling) for rank, scaling in checked]
 
 
 def dp_fedavg(
@@ -213,9 +207,9 @@ def dp_fedavg(
     std = gaussian_noise_std(noise_multiplier, clip_norm, m)
     r_max = max(f.r for f in factors)
     sb_noisy = add_gaussian_noise(zero_padded_mean_b(factors, p), std, generator)  # (out, r_max)
-    a_mean = torch.stack([p[i] * _pad_rows(f.lora_A, r_max) for i, f in enumerate(factors)]).sum(0)  # (r_max, in)
+    a_mean = torch.stack([p[i] * pad_rows(f.lora_A, r_max) for i, f in enumerate(factors)]).sum(0)  # (r_max, in)
     a_noisy = add_gaussian_noise(a_mean, std, generator)
-    return [(_pad_rows(a_noisy, rank), _pad_columns(sb_noisy, rank) / scaling) for rank, scaling in checked]
+    return [(pad_rows(a_noisy, rank), pad_columns(sb_noisy, rank) / scaling) for rank, scaling in checked]
 
 
 DP_RULES: dict[str, DPAggregationRule] = {"svd": dp_svd_reproject, "fedavg": dp_fedavg, "ffa": dp_ffa}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from logging import INFO, WARNING
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
@@ -44,10 +44,8 @@ from common import records
 from common.config import RunConfig
 from common.secure_records import SecureReply, decode_fit_res, decode_means, with_pad_rank
 from common.secure_sum import means_from_sums
-from server.checkpoint import load_latest_checkpoint
-from server.recorder import RunRecorder
 from server.secure_grid import RecordingGrid
-from server.server_app import _previous_run_id, output_dir, store_path
+from server.server_app import close_run, open_run
 from server.strategy import LoRAStrategy
 
 
@@ -139,17 +137,7 @@ def _share_setting(value: float) -> int | float:
 
 def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
     """The whole run with SecAgg+ train rounds: round 0 evaluation (or resume), the rounds, the exported adapter."""
-    out_dir = output_dir(cfg)
-    checkpoint = load_latest_checkpoint(out_dir / "checkpoints", required=True) if cfg.resume else None
-    run_id = _previous_run_id(out_dir) if checkpoint else str(context.run_id)
-    recorder = RunRecorder(cfg, out_dir, run_id, store_path(cfg, out_dir), resume=checkpoint is not None)
-    strategy = LoRAStrategy(cfg, recorder)
-    if checkpoint is not None:
-        strategy.restore(checkpoint.server_round, checkpoint.arrays, checkpoint.meta)
-        recorder.rows = list(checkpoint.meta.get("metrics", []))
-        log(INFO, "fedlora | resuming %s after round %d (SecAgg+)", out_dir, checkpoint.server_round)
-    else:
-        strategy.evaluate_round_zero(grid)
+    strategy, recorder = open_run(grid, context, cfg)
     try:
         for server_round in range(1, cfg.num_rounds - strategy.round_offset + 1):
             secure_train_round(grid, context, cfg, strategy, server_round)
@@ -159,9 +147,7 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
     except BaseException:
         recorder.finish(None, 0, status="failed")
         raise
-    rank = max((info.rank for info in strategy.nodes.values()), default=1)
-    path = recorder.finish(strategy.global_adapter.export(rank, cfg.lora_alpha, cfg.use_rslora), rank)
-    log(INFO, "fedlora | done (SecAgg+): outputs in %s, adapter %s", out_dir, path)
+    close_run(strategy, recorder, cfg)
 
 
 def secure_train_round(grid: Grid, context: Context, cfg: RunConfig, strategy: LoRAStrategy, server_round: int) -> None:

@@ -29,15 +29,8 @@ def store_path(cfg: RunConfig, out_dir: Path) -> Path:
     return Path(cfg.store).resolve() if cfg.store else out_dir.parent / "fedlora.db"
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Round 0 evaluation, ``num-rounds`` federated rounds (or the rest of them on resume), then the adapter."""
-    cfg = RunConfig.from_mapping(context.run_config)
-    if cfg.secure_aggregation:
-        from server.secure import run_secure  # SecAgg+ lives on Flower's legacy workflow path
-
-        run_secure(grid, context, cfg)
-        return
+def open_run(grid: Grid, context: Context, cfg: RunConfig) -> tuple[LoRAStrategy, RunRecorder]:
+    """The strategy and recorder of a run: restored from the last checkpoint on resume, else after round 0."""
     out_dir = output_dir(cfg)
     checkpoint = load_latest_checkpoint(out_dir / "checkpoints", required=True) if cfg.resume else None
     run_id = _previous_run_id(out_dir) if checkpoint else str(context.run_id)
@@ -49,6 +42,27 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedlora | resuming %s after round %d", out_dir, checkpoint.server_round)
     else:
         strategy.evaluate_round_zero(grid)
+    return strategy, recorder
+
+
+def close_run(strategy: LoRAStrategy, recorder: RunRecorder, cfg: RunConfig) -> None:
+    """Export the global adapter at the largest node rank and write the final outputs."""
+    rank = max((info.rank for info in strategy.nodes.values()), default=1)
+    adapter = strategy.global_adapter.export(rank, cfg.lora_alpha, cfg.use_rslora)
+    path = recorder.finish(adapter, rank)
+    log(INFO, "fedlora | done: outputs in %s, adapter %s", recorder.out_dir, path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Round 0 evaluation, ``num-rounds`` federated rounds (or the rest of them on resume), then the adapter."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    if cfg.secure_aggregation:
+        from server.secure import run_secure  # SecAgg+ lives on Flower's legacy workflow path
+
+        run_secure(grid, context, cfg)
+        return
+    strategy, recorder = open_run(grid, context, cfg)
     try:
         remaining = cfg.num_rounds - strategy.round_offset
         if remaining > 0:
@@ -56,10 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     except BaseException:
         recorder.finish(None, 0, status="failed")
         raise
-    rank = max((info.rank for info in strategy.nodes.values()), default=1)
-    adapter = strategy.global_adapter.export(rank, cfg.lora_alpha, cfg.use_rslora)
-    path = recorder.finish(adapter, rank)
-    log(INFO, "fedlora | done: outputs in %s, adapter %s", out_dir, path)
+    close_run(strategy, recorder, cfg)
 
 
 def _previous_run_id(out_dir: Path) -> str:
