@@ -13,6 +13,10 @@ Run ``python -m simulations.bench_aggregation`` (about a minute on 2 cores; ``--
    bytes of the uploads. Resident memory is read from ``/proc/self/statm`` before and from the process's high-water
    mark after (``tracemalloc`` would not see torch's allocations).
 
+Both sides run on one torch thread by default (``--threads`` to change it), so the ratios compare work rather than
+how well OpenMP spreads small LAPACK calls, and because on a shared machine OpenMP threads that lose their core
+stall: at a load average of 7 on 2 cores, 2 threads made the dense 1024 SVD 40x slower than 1 thread did.
+
 The last line is ``ratio_vs_dense_1024=… ratio_vs_dense_2048=… llama7b_round_s=… peak_extra_over_input=…
 max_rel_diff=…`` (with ``--quick``, smaller sizes and keys named after them).
 """
@@ -189,10 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run of a few seconds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random factors")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
     generator = torch.Generator().manual_seed(args.seed)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -202,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush=True,
     )
     if load > (os.cpu_count() or 1):
-        print("warning: the machine is busy; OpenMP threads that lose their core make every timing here noisy")
+        print("warning: the machine is busy, so every timing here is noisy (the ratios less so: they are interleaved)")
 
     round_s, extra = llama_round(setup.round_layers, setup.round_dim, generator)  # first: a clean memory baseline
     results = [head_to_head(dim, n, generator) for dim, n in zip(setup.sizes, setup.repeats, strict=True)]

@@ -1,13 +1,14 @@
-"""Properties of the aggregation rules, each checked against an independent dense numpy float64 reference.
+"""Properties of the aggregation rules, each checked against an independent dense float64 reference.
 
-The reference materialises ΔW̄ = Σ p_i s_i B_i A_i (out × in) and calls ``np.linalg.svd``: exactly what the rules
-avoid, so it shares no code with them. Shapes stay small (the properties do not depend on size) except for one
-explicit non-square 384 × 1536 case.
+The reference materialises ΔW̄ = Σ p_i s_i B_i A_i (out × in) in numpy float64 and takes a dense SVD of it (LAPACK's,
+through ``torch.linalg.svd``; see :class:`Truncations`): exactly what the rules avoid, so it shares no code with them.
+Shapes stay small (the properties do not depend on size) except for one explicit non-square 384 × 1536 case.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,16 @@ from common.aggregation import fedavg_zero_pad, ffa, svd_reproject
 
 Array = np.ndarray
 PROPERTY = settings(max_examples=30, deadline=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """Tiny matrices gain nothing from a second OpenMP thread, and on a busy machine it stalls them (112 s with 2
+    threads at a load average of 15, 40 s with 1, for these three modules)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --- the independent reference -------------------------------------------------------------------------------------
@@ -39,13 +50,16 @@ def dense_mean(clients: list[tuple[object, object, float]], weights: list[float]
 
 
 class Truncations:
-    """Best rank-r approximations of ``dw`` from one call to numpy's SVD."""
+    """Best rank-r approximations of ``dw`` from one dense float64 SVD."""
 
     def __init__(self, dw: Array) -> None:
-        # LAPACK's gesdd took 15x longer on the wide 384 × 1536 case than on its transpose.
+        # LAPACK through torch, which the module fixture holds to one thread: numpy's OpenBLAS cannot be, and on a
+        # busy machine its threads stalled the 384 × 1536 case for 9 s (0.4 s here, on the faster tall orientation).
         wide = dw.shape[0] < dw.shape[1]
-        u, self.spectrum, vt = np.linalg.svd(dw.T if wide else dw, full_matrices=False)
-        self.u, self.vt = (vt.T, u.T) if wide else (u, vt)
+        u, spectrum, vt = (
+            t.numpy() for t in torch.linalg.svd(torch.from_numpy(dw.T if wide else dw), full_matrices=False)
+        )
+        self.u, self.spectrum, self.vt = (vt.T, spectrum, u.T) if wide else (u, spectrum, vt)
 
     def __call__(self, rank: int) -> Array:
         k = min(rank, len(self.spectrum))
