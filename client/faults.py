@@ -2,8 +2,10 @@
 
 The ``inject-faults`` run-config key lists ``NODE:KIND@ROUND`` items separated by commas, e.g.
 ``"partition-1:raise@2, partition-3:hang@2"``. ``raise`` makes the node's handler fail (Flower returns an error
-reply); ``hang`` makes it sleep past the round deadline (``round-timeout``) so the coordinator never gets an answer.
-``@ROUND`` may be ``@*`` for every round. Empty (the default) injects nothing.
+reply); ``hang`` makes it answer nothing until the round's deadline (``round-timeout`` after the coordinator sent
+the message) has passed, so the coordinator never gets an answer in time. ``@ROUND`` may be ``@*`` for every round.
+A fault hits the node's train and evaluate messages of that round; ``@ROUND/train`` (or ``/evaluate``) limits it to
+one of them. Empty (the default) injects nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from common import records
 
 INJECT_FAULTS = "inject-faults"
 KINDS = ("raise", "hang")
+PHASES = ("train", "evaluate")
+HANG_MARGIN_S = 5.0
+"""How long past the coordinator's deadline a hanging node stays silent before it gives up."""
 
 
 class InjectedFault(RuntimeError):
@@ -31,31 +36,53 @@ class Fault:
     node: str
     kind: str
     round: int | None
+    phases: tuple[str, ...] = PHASES
+
+    def hits(self, node: str, server_round: int | None, phase: str) -> bool:
+        """Whether this fault applies to ``node``'s ``phase`` message of ``server_round``."""
+        return self.node == node and self.round in (None, server_round) and phase in self.phases
 
 
 def parse_faults(text: str) -> list[Fault]:
-    """Parse ``NODE:KIND@ROUND`` items; raise ValueError naming a malformed item."""
+    """Parse ``NODE:KIND@ROUND[/PHASE]`` items; raise ValueError naming a malformed item."""
     faults = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         node, _, rest = item.partition(":")
         kind, _, when = rest.partition("@")
-        if not node or kind not in KINDS or not when or not (when == "*" or when.isdigit()):
-            raise ValueError(f"inject-faults item {item!r} must look like NODE:raise@ROUND or NODE:hang@*")
-        faults.append(Fault(node, kind, None if when == "*" else int(when)))
+        when, _, phase = when.partition("/")
+        valid_when = when == "*" or when.isdigit()
+        if not node or kind not in KINDS or not valid_when or phase not in ("", *PHASES):
+            raise ValueError(
+                f"inject-faults item {item!r} must look like NODE:raise@ROUND, NODE:hang@* or NODE:hang@2/train"
+            )
+        faults.append(Fault(node, kind, None if when == "*" else int(when), (phase,) if phase else PHASES))
     return faults
+
+
+def hang_seconds(msg: Message, round_timeout: float, now: float) -> float:
+    """Seconds until the coordinator's deadline for ``msg`` has passed (plus a margin), from ``now``.
+
+    The deadline counts from when the coordinator created the message (``created_at``), so a node that starts late
+    (queued behind others) does not stay silent for longer than it takes to miss the round.
+    """
+    created = float(msg.metadata.created_at)
+    start = created if created > 0 else now
+    return max(0.0, start + round_timeout + HANG_MARGIN_S - now)
 
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: fail as planned for this node and round, else pass the message on."""
     text = str(context.run_config.get(INJECT_FAULTS, ""))
-    if text and msg.metadata.message_type in ("train", "evaluate"):
+    phase = msg.metadata.message_type
+    if text and phase in PHASES:
         name = str(context.node_config.get("node-name", f"partition-{context.node_config.get('partition-id', 0)}"))
         server_round = records.server_round_of(msg.content)
         for fault in parse_faults(text):
-            if fault.node == name and fault.round in (None, server_round):
+            if fault.hits(name, server_round, phase):
                 if fault.kind == "hang":
-                    time.sleep(float(context.run_config.get("round-timeout", 600)) + 30)
+                    timeout = float(context.run_config.get("round-timeout", 600))
+                    time.sleep(hang_seconds(msg, timeout, time.time()))
                 raise InjectedFault(f"injected fault: {name} told to {fault.kind} in round {server_round}")
     return call_next(msg, context)

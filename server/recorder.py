@@ -25,6 +25,8 @@ class RoundLog:
 
     round: int
     started: float = field(default_factory=time.time)
+    sampled: list[int] = field(default_factory=list)
+    available: int = 0
     participants: list[int] = field(default_factory=list)
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)

@@ -22,18 +22,20 @@ from flwr.supercore import log
 
 from common import records
 from common.config import RunConfig
-from common.updates import EvaluateReply, Instruction, NodeInfo, TrainReply
-from common.validation import Layout
+from common.updates import AdapterFactors, EvaluateReply, Instruction, NodeInfo, TrainReply
+from common.validation import Layout, UpdateLimits
 from server.global_adapter import GlobalAdapter
 from server.recorder import RoundLog, RunRecorder
-from server.replies import accept_train_replies, split_replies
-from server.sampling import sample_nodes_with_deadline
+from server.replies import accept_train_replies, missing_replies, split_replies, update_limits
+from server.sampling import sample_nodes, sample_size, wait_for_nodes
 
 
 class LoRAStrategy(FedAvg):
     """Heterogeneous-rank federated LoRA on Flower's Message API."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, round_offset: int = 0) -> None:
+    def __init__(
+        self, cfg: RunConfig, recorder: RunRecorder, round_offset: int = 0, limits: UpdateLimits | None = None
+    ) -> None:
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=cfg.fraction_evaluate,
@@ -44,11 +46,12 @@ class LoRAStrategy(FedAvg):
         self.cfg = cfg
         self.recorder = recorder
         self.round_offset = round_offset
-        self.global_adapter = GlobalAdapter(cfg.rule, cfg.max_rank)
+        self.global_adapter = GlobalAdapter.from_config(cfg)
         self.nodes: dict[int, NodeInfo] = {}
         self.rng = random.Random(cfg.seed)
         self.pending = RoundLog(0)
-        self.layout: Layout | None = None
+        self.limits = limits or update_limits(cfg)
+        """Bounds every update must respect (from the run config unless given)."""
 
     # --- round phases (Flower's hooks) -------------------------------------------------------------------------
     def configure_train(
@@ -57,9 +60,11 @@ class LoRAStrategy(FedAvg):
         """Send each sampled node the global adapter at its own rank."""
         server_round += self.round_offset
         self.pending = RoundLog(server_round)
-        node_ids = self._sample(grid, self.cfg.fraction_train)
+        node_ids, self.pending.available = self._sample(grid, self.cfg.fraction_train)
         self.pending.started = time.time()
-        return self._messages(grid, node_ids, server_round, MessageType.TRAIN)
+        messages = self._messages(grid, node_ids, server_round, MessageType.TRAIN)
+        self.pending.sampled = [int(m.metadata.dst_node_id) for m in messages]
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -67,8 +72,11 @@ class LoRAStrategy(FedAvg):
         """Validate the replies, aggregate the valid ones with the configured rule, keep the rest as rejections."""
         server_round += self.round_offset
         ok, failed = split_replies(replies)
+        failed += missing_replies(self.pending.sampled, ok, failed, self.cfg.round_timeout)
+        for node_id, reason in failed:
+            log(WARNING, "node %d left out of round %d: %s", node_id, server_round, reason)
         self.pending.rejected.extend(failed)
-        accepted, rejected, self.layout = accept_train_replies(ok, self.nodes, self.cfg, self.layout)
+        accepted, rejected, _ = accept_train_replies(ok, self.nodes, self.cfg, self.layout, self.limits)
         self.pending.rejected.extend(rejected)
         for node_id, reply in accepted.items():
             self._remember(node_id, reply.node, server_round)
@@ -81,7 +89,9 @@ class LoRAStrategy(FedAvg):
             return None, None
         ordered = [accepted[n] for n in sorted(accepted, key=lambda n: (accepted[n].node.name, n))]
         ranks = sorted({info.rank for info in self.nodes.values()})
-        result = self.global_adapter.aggregate(ordered, ranks)
+        result = self.global_adapter.aggregate(
+            ordered, ranks, num_sampled=len(self.pending.sampled), num_available=self.pending.available
+        )
         self.pending.participants = sorted(accepted)
         self.pending.aggregation_seconds = result.seconds
         self.pending.diagnostics = result.diagnostics
@@ -95,7 +105,7 @@ class LoRAStrategy(FedAvg):
     ) -> Iterable[Message]:
         """Send each sampled node the global adapter at its rank for evaluation on its held-out split."""
         server_round += self.round_offset
-        node_ids = self._sample(grid, self.cfg.fraction_evaluate)
+        node_ids, _ = self._sample(grid, self.cfg.fraction_evaluate)
         return self._messages(grid, node_ids, server_round, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -152,9 +162,26 @@ class LoRAStrategy(FedAvg):
         self.rng.setstate((version, tuple(internal), gauss))
         self.round_offset = server_round
 
+    @property
+    def layout(self) -> Layout | None:
+        """What every update must match: the global adapter's modules and head (None before the first aggregate)."""
+        if self.global_adapter.empty:
+            return None
+        return Layout.from_adapter(AdapterFactors(self.global_adapter.lora, self.global_adapter.head))
+
     # --- helpers ---------------------------------------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float) -> list[int]:
-        return sample_nodes_with_deadline(grid, self.cfg.min_nodes, fraction, self.rng, self.cfg.round_timeout)
+    def _sample(self, grid: Grid, fraction: float) -> tuple[list[int], int]:
+        """Seeded sample of the connected nodes (drawn in (name, id) order so that a restart draws the same nodes),
+        and how many were connected."""
+        nodes = wait_for_nodes(grid, self.cfg.min_nodes, self.cfg.round_timeout)
+        size = sample_size(len(nodes), self.cfg.min_nodes, fraction)
+        if size < len(nodes):  # names matter only when choosing a subset
+            self._learn_ranks(grid, [n for n in nodes if n not in self.nodes])
+        return sample_nodes(nodes, size, self.rng, key=self._sort_key), len(nodes)
+
+    def _sort_key(self, node_id: int) -> tuple[str, int]:
+        info = self.nodes.get(node_id)
+        return (info.name if info else "", node_id)
 
     def _messages(self, grid: Grid, node_ids: list[int], server_round: int, message_type: str) -> list[Message]:
         """One message per node, carrying the global adapter at that node's rank."""

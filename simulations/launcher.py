@@ -3,11 +3,13 @@
 ``flwr run .`` alone starts a detached local SuperLink that outlives the run and exits 0 even when the run failed.
 Here we start our own ``flower-superlink --simulation`` on free loopback ports with a throw-away ``FLWR_HOME``,
 submit the run with ``flwr run --stream``, read the run's final status with ``flwr ls --format json``, and stop the
-SuperLink and every process under it (Ray included) on the way out.
+SuperLink and every process under it on the way out, then any process still marked as ours (a Ray worker that was
+re-parented while the tree went down). A run that outlives its deadline is stopped the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +30,8 @@ import psutil
 import tomli_w
 
 CONNECTION = "fedlora-sim"
+LAUNCH_ID = "FEDLORA_LAUNCH_ID"
+"""Environment variable that marks every process of one launch (Flower and Ray pass the environment down)."""
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -48,11 +53,15 @@ class RunOutcome:
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's CLI tools: project-local home, no telemetry, no runtime dependency installs."""
+    """Environment for Flower's CLI tools: project-local home, no telemetry, no runtime dependency installs.
+
+    The (unique, temporary) home's name also marks the launch's processes (``LAUNCH_ID``), for :func:`stop_launch`.
+    """
     env = dict(os.environ)
     env.update(
         {
             "FLWR_HOME": str(flwr_home),
+            LAUNCH_ID: flwr_home.name,
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -84,21 +93,46 @@ def stop_process_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    _terminate(tree, grace)
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def launch_processes(launch_id: str) -> list[psutil.Process]:
+    """Live processes marked with ``launch_id`` (see :func:`flower_env`), wherever they were re-parented."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            if proc.environ().get(LAUNCH_ID) == launch_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def stop_launch(launch_id: str, grace: float = 10.0, attempts: int = 3) -> list[psutil.Process]:
+    """Stop every process still marked with ``launch_id``; return those that survived (none, normally).
+
+    Stopping a process tree is not enough: while the SuperLink goes down, Ray can start a worker whose parent then
+    dies, so the worker is re-parented out of the tree and would outlive the launch.
+    """
+    for _ in range(attempts):
+        left = launch_processes(launch_id)
+        if not left:
+            return []
+        _terminate(left, grace)
+    return launch_processes(launch_id)
+
+
+def _terminate(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM ``procs``, then SIGKILL those still alive after ``grace`` seconds."""
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 @contextmanager
@@ -158,8 +192,12 @@ def run_simulation(
     log_dir: Path,
     on_line: Callable[[str], None],
     cpus_per_node: int = 2,
+    deadline_s: float | None = None,
 ) -> RunOutcome:
-    """Submit the fedlora app with ``run_config`` to a private simulation SuperLink and wait for it to end."""
+    """Submit the fedlora app with ``run_config`` to a private simulation SuperLink and wait for it to end.
+
+    With ``deadline_s``, a run still going after that many seconds is stopped and :class:`LaunchError` raised.
+    """
     flwr_home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-"))
     started = time.monotonic()
     try:
@@ -172,27 +210,47 @@ def run_simulation(
                 _bin("flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream",
                 "--run-config", str(config_file), "--federation-config", federation,
             ]  # fmt: skip
-            _stream(command, flwr_home, log_dir / "flwr.log", on_line)
+            _stream(command, flwr_home, log_dir / "flwr.log", on_line, deadline_s)
             return RunOutcome(*_last_run_status(flwr_home), seconds=time.monotonic() - started)
     finally:
+        survivors = stop_launch(flwr_home.name)
         shutil.rmtree(flwr_home, ignore_errors=True)
+        if survivors:
+            on_line(f"fedlora | WARNING: processes of this run survived SIGKILL: {[p.pid for p in survivors]}")
 
 
-def _stream(command: list[str], flwr_home: Path, log_path: Path, on_line: Callable[[str], None]) -> None:
+def _stream(
+    command: list[str], flwr_home: Path, log_path: Path, on_line: Callable[[str], None], deadline_s: float | None
+) -> None:
+    """Run ``command``, passing each output line to ``on_line``; stop it (and fail) past ``deadline_s``."""
+    expired = threading.Event()
     with log_path.open("a", encoding="utf-8") as log_file:
         proc = subprocess.Popen(
             command, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         assert proc.stdout is not None
+
+        def expire() -> None:
+            expired.set()
+            stop_process_tree(proc)
+
+        watchdog = threading.Timer(deadline_s or 0.0, expire)
+        watchdog.daemon = True
+        if deadline_s is not None:
+            watchdog.start()
         try:
             for line in proc.stdout:
                 log_file.write(line)
                 log_file.flush()
                 on_line(line.rstrip("\n"))
-            proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # output closed: the process is on its way out
+                proc.wait(timeout=60)
         finally:
+            watchdog.cancel()
             if proc.poll() is None:
                 stop_process_tree(proc)
+    if expired.is_set():
+        raise LaunchError(f"the run did not finish within its deadline of {deadline_s:.0f} s; stopped it")
 
 
 def _last_run_status(flwr_home: Path) -> tuple[str, str]:

@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from server.checkpoint import load_latest_checkpoint
 from simulations.launcher import PROJECT_DIR, run_simulation
 
 LAUNCHER_KEYS = ("num-nodes",)
 """Overlay keys that configure the launcher rather than the Flower run."""
+STARTUP_ALLOWANCE_S = 900.0
+"""Seconds a run may spend starting (SuperLink, Ray, the app) and exporting, on top of its rounds."""
+ROUND_SLACK_S = 300.0
+"""Seconds per round for work that is not a wait: aggregation, checkpoint, run store."""
 
 
 class UsageError(ValueError):
@@ -114,6 +119,18 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], in
     return cfg, merged, nodes
 
 
+def run_deadline(cfg: RunConfig) -> float:
+    """The longest a run can take when every wait in it runs out (the launcher stops it after that).
+
+    Per round the coordinator waits at most: ``round-timeout`` for nodes to connect, before training and again
+    before evaluation; ``min(round-timeout, 120)`` for nodes it has not met to tell their rank, up to twice per
+    phase (before sampling a subset, before sending factors); ``round-timeout`` for the train replies and again for
+    the evaluate replies. Round 0 (evaluation only) counts as a round.
+    """
+    per_round = 4 * cfg.round_timeout + 4 * min(cfg.round_timeout, 120.0) + ROUND_SLACK_S
+    return STARTUP_ALLOWANCE_S + (cfg.num_rounds + 1) * per_round
+
+
 def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool) -> int:
     """Run the federation, echoing per-round progress; 0 when the run completed."""
     out_dir = Path(cfg.out_dir)
@@ -126,7 +143,7 @@ def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool) ->
         if verbose or "fedlora |" in line or "ERROR" in line or "Traceback" in line:
             print(line.split("fedlora | ", 1)[-1] if not verbose and "fedlora |" in line else line, flush=True)
 
-    outcome = run_simulation(merged, nodes, out_dir, on_line)
+    outcome = run_simulation(merged, nodes, out_dir, on_line, deadline_s=run_deadline(cfg))
     summary = out_dir / "summary.txt"
     if outcome.ok and summary.is_file():
         print(summary.read_text(encoding="utf-8"), end="")
@@ -153,6 +170,9 @@ def resume(args: argparse.Namespace) -> int:
     merged.update({"resume": True, "out-dir": str(run_dir)})
     if not any((run_dir / "checkpoints").glob("round-*.ckpt")):
         raise UsageError(f"{run_dir} has no checkpoint to resume from")
+    # the coordinator makes the same choice; checking here names a bad file on the console and fails fast
+    checkpoint = load_latest_checkpoint(run_dir / "checkpoints", required=True)
+    print(f"fedlora: resuming from {checkpoint.path.name} (after round {checkpoint.server_round})", flush=True)
     launch_file = run_dir / "launch.json"
     previous = json.loads(launch_file.read_text(encoding="utf-8")) if launch_file.is_file() else {}
     nodes = args.nodes or int(previous.get("num-nodes", len(RunConfig.from_mapping(merged).node_ranks)))
