@@ -139,9 +139,16 @@ def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool) ->
     print(f"fedlora: {nodes} nodes, rule {cfg.rule}, {cfg.num_rounds} rounds, model {cfg.model}, task {cfg.task}")
     print(f"fedlora: outputs in {out_dir} (Flower logs: {out_dir / 'flwr.log'})", flush=True)
 
+    last: list[str] = [""]
+
     def on_line(line: str) -> None:
-        if verbose or "fedlora |" in line or "ERROR" in line or "Traceback" in line:
-            print(line.split("fedlora | ", 1)[-1] if not verbose and "fedlora |" in line else line, flush=True)
+        if verbose:
+            print(line, flush=True)
+        elif "fedlora |" in line or "ERROR" in line or "Traceback" in line:
+            text = line.split("fedlora | ", 1)[-1]
+            if text != last[0]:  # Flower and the root logger may both echo a line
+                print(text, flush=True)
+            last[0] = text
 
     outcome = run_simulation(merged, nodes, out_dir, on_line, deadline_s=run_deadline(cfg))
     summary = out_dir / "summary.txt"
