@@ -261,24 +261,40 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
 def perplexity(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device) -> Perplexity:
     """Token-level NLL of ``data`` under ``model``: logits at t predict token t+1; padding is ignored."""
+    return line_perplexities(model, data, batch_size, device)[0]
+
+
+@torch.no_grad()
+def line_perplexities(
+    model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device
+) -> tuple[Perplexity, Perplexity]:
+    """(all predicted tokens, content tokens) of rows made by :func:`tokenize_lines`.
+
+    Content tokens leave out each line's first word token (predicted from the start token alone) and its EOS: the
+    two places where a model learns the line format rather than the character's language.
+    """
     model.to(device).eval()
-    nll, tokens = 0.0, 0
+    nll = {"all": 0.0, "content": 0.0}
+    tokens = {"all": 0, "content": 0}
     n = int(data["input_ids"].shape[0])
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size].to(device) for k, v in data.items()}
         with autocast(device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]  # (b, t-1)
-        nll += float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-        )
-        tokens += int((targets != IGNORE_INDEX).sum())
-    return Perplexity(nll, tokens)
+        targets = batch["labels"][:, 1:]  # (b, t-1): logits at t predict token t+1
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (b, t-1)
+        valid = targets != IGNORE_INDEX
+        position = torch.arange(targets.shape[1], device=device).expand_as(targets)
+        last = valid.sum(dim=1, keepdim=True) - 1  # index of each row's EOS target
+        content = valid & (position > 0) & (position < last)
+        for key, mask in (("all", valid), ("content", content)):
+            nll[key] += float(token_nll[mask].sum())
+            tokens[key] += int(mask.sum())
+    return Perplexity(nll["all"], tokens["all"]), Perplexity(nll["content"], tokens["content"])
 
 
 # --- LoRA and training -----------------------------------------------------------------------------------------------

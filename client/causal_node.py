@@ -19,8 +19,8 @@ from client.causal_lm import (
     MAIN_CHARACTERS,
     CharacterLines,
     attach_causal_lora,
+    line_perplexities,
     load_causal_lm,
-    perplexity,
     read_friends,
     resolve_causal_model,
     split_characters,
@@ -98,11 +98,14 @@ def train_causal_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> T
 def evaluate_causal_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> EvaluateReply:
     """Perplexity of the global adapter (at this node's rank) on the character's held-out lines."""
     model, _, test_batch, _ = _node_model(cfg, node, ins)
-    result = perplexity(model, test_batch, max(cfg.batch_size, 16), pick_device())
+    everything, content = line_perplexities(model, test_batch, max(cfg.batch_size, 16), pick_device())
     metrics = {
-        "eval-loss": result.loss,
-        "eval-perplexity": result.value,
-        "eval-nll-sum": result.nll_sum,
-        "eval-tokens": float(result.tokens),
+        "eval-loss": everything.loss,
+        "eval-perplexity": everything.value,
+        "eval-nll-sum": everything.nll_sum,
+        "eval-tokens": float(everything.tokens),
+        "eval-content-perplexity": content.value,
+        "eval-content-nll-sum": content.nll_sum,
+        "eval-content-tokens": float(content.tokens),
     }
     return EvaluateReply(len(test_batch["input_ids"]), node_info(cfg, node), metrics)

@@ -20,6 +20,7 @@ from client.causal_lm import (
     Perplexity,
     attach_causal_lora,
     cached_hf_folder,
+    line_perplexities,
     load_causal_lm,
     perplexity,
     read_friends,
@@ -169,6 +170,25 @@ def test_perplexity_matches_a_per_line_reference() -> None:
     # Assert
     assert result.tokens == tokens
     assert result.value == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_content_perplexity_leaves_out_each_lines_first_word_and_eos() -> None:
+    # Arrange: the per-line reference over positions 2 .. len-2 of each unpadded row (first word and EOS left out).
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    batch = tokenize_lines(tokenizer, LINES, max_length=8)
+    nll, tokens = 0.0, 0
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        ids = ids[mask.bool()].unsqueeze(0)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+        picked = logp.gather(1, ids[0, 1:, None])[1:-1]
+        nll -= float(picked.sum())
+        tokens += picked.numel()
+    # Act
+    everything, content = line_perplexities(model, batch, batch_size=4, device=CPU)
+    # Assert
+    assert content.tokens == tokens == everything.tokens - 2 * len(LINES)
+    assert content.value == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
 def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary_size() -> None:
