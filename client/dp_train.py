@@ -106,7 +106,8 @@ def train_private(
         if exhausted:
             raise PrivacyBudgetExhausted(f"node declines to train: {reason}")
     model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)  # as client.train.train
     scheduler = LambdaLR(optimizer, lambda s: lr_lambda(s, settings.steps, settings.warmup_ratio, settings.schedule))
     generator = make_generator(dp.seed, device=device) if dp.seed is not None else None
     private_model, private_optimizer, private_loader = attach_dp_sgd(
