@@ -186,11 +186,22 @@ def run_matrix(
     return [results[c.name] for c in cells if c.name in results], failures
 
 
+def seed_list(text: str) -> list[int]:
+    """``3`` → [0, 1, 2]; ``0,2,3`` → [0, 2, 3]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds expects N or a comma-separated list, got {text!r}") from None
+    if not values or (len(values) == 1 and "," not in text and values[0] < 1):
+        raise argparse.ArgumentTypeError(f"--seeds needs at least one seed, got {text!r}")
+    return values if "," in text else list(range(values[0]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m simulations.compare``."""
     parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=SCALES, default="tiny", help="overlay simulations/experiments/scale-*.toml")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=seed_list, default="3", help="N (seeds 0..N-1, default 3) or a list: 0,2,3")
     parser.add_argument("--methods", default=",".join((*RULES, *BASELINES)), help="comma-separated rules/baselines")
     parser.add_argument("--ranks", default=",".join(RANK_SETTINGS), help="comma-separated rank settings")
     parser.add_argument("--data", default=",".join(DATA_SPLITS), help="comma-separated data splits")
@@ -225,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_warnings()
     if args.threads:
         set_threads(args.threads)
-    cells = plan(range(args.seeds), args.methods.split(","), args.ranks.split(","), args.data.split(","))
+    cells = plan(args.seeds, args.methods.split(","), args.ranks.split(","), args.data.split(","))
     extra = parse_set(args.set)
     runs_dir = args.runs or PROJECT_DIR / "runs" / "compare" / args.scale / args.engine
     started = time.monotonic()
@@ -242,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall_seconds=time.monotonic() - started,
         planned=len(cells),
         command=" ".join(["python -m simulations.compare", *(argv if argv is not None else sys.argv[1:])]),
+        failures=failures,
     )
     print(f"compare: wrote {report} ({len(results)}/{len(cells)} cells)")
     for failure in failures:

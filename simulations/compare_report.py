@@ -148,6 +148,7 @@ def write_report(
     wall_seconds: float,
     planned: int,
     command: str = "",
+    failures: Sequence[str] = (),
 ) -> Path:
     """Write ``aggregation.md`` and the plots into ``folder``; return the markdown path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,6 +181,11 @@ def write_report(
         f"- Federated cells: {ENGINE_TEXT.get(engines(results), engines(results))}. The numbers are as measured,",
         "  including where a rule we favour loses.",
         "",
+        *(
+            ["Cells that failed (rerun the command to retry them):", "", *[f"- {f}" for f in failures], ""]
+            if failures
+            else []
+        ),
         "Accuracy per round (mean over seeds, band ± std):",
         "",
         *[f"![{p.stem}]({p.name})" for p in plots],

@@ -154,6 +154,14 @@ def test_table_shows_mean_and_std_over_seeds_and_bolds_the_best_rule(tmp_path: P
     assert (tmp_path / "results" / "aggregation-accuracy.png").stat().st_size > 0
 
 
+def test_seeds_are_a_count_or_a_list() -> None:
+    from simulations.compare import build_parser
+
+    assert build_parser().parse_args(["--seeds", "3"]).seeds == [0, 1, 2]
+    assert build_parser().parse_args(["--seeds", "0,2,3"]).seeds == [0, 2, 3]
+    assert build_parser().parse_args([]).seeds == [0, 1, 2]
+
+
 def test_mean_std_formats() -> None:
     assert mean_std([]) == "—"
     assert mean_std([0.5]) == "0.500 (n=1)"
