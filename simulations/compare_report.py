@@ -98,8 +98,9 @@ def accuracy_table(results: Sequence[dict[str, Any]]) -> list[str]:
             if not any(finals.values()):
                 continue
             means = {m: statistics.fmean(v) for m, v in finals.items() if v and m in FEDERATED}
-            best = max(means, key=lambda m: means[m]) if means else None
-            cells = [f"**{mean_std(finals[m])}**" if m == best else mean_std(finals[m]) for m in methods]
+            top = max(means.values(), default=None)
+            best = {m for m, v in means.items() if top is not None and v >= top - 1e-12}
+            cells = [f"**{mean_std(finals[m])}**" if m in best else mean_std(finals[m]) for m in methods]
             lines.append(f"| {RANK_LABELS[ranks]} | {DATA_LABELS[data]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -168,7 +169,7 @@ def write_report(
         "",
         "Final held-out accuracy after the last round (each node evaluates the global adapter at its own rank on its",
         "own held-out split; example-weighted over nodes), mean ± sample std over seeds. Bold: the best federated",
-        f"rule of the row. Untrained model (round 0): {mean_std(round0)}.",
+        f"rule(s) of the row. Untrained model (round 0): {mean_std(round0)}.",
         "",
         *accuracy_table(results),
         "",
@@ -178,6 +179,9 @@ def write_report(
         "- **local-only**: every node trains alone at its own rank with the same recipe as a federated node",
         "  (rounds × local steps, optimizer restarted each round) and is evaluated on its own held-out split; no",
         "  aggregation. Example-weighted over nodes.",
+        "- A node's held-out split is drawn from the test set with the same partitioner and seed as its training",
+        "  share, so under label skew a local-only model is tested on the few labels it trained on, while the one",
+        "  global adapter has to serve every node's labels.",
         f"- Federated cells: {ENGINE_TEXT.get(engines(results), engines(results))}. The numbers are as measured,",
         "  including where a rule we favour loses.",
         "",
