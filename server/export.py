@@ -17,15 +17,27 @@ from common.config import RunConfig
 from common.updates import AdapterFactors
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through a temporary file in the same folder, fsync, rename."""
+    """Write text through a temporary file in the same folder, fsync, rename.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (0666 less the umask), not ``mkstemp``'s 0600,
+    so results stay readable by whoever may read the folder.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
