@@ -29,8 +29,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Two workers (more where there are more cores): the end-to-end tests spend much of their time starting processes.
+# --dist loadfile keeps each test module on one worker, so a module's shared simulation or deployment runs once.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 bench: setup
 	$(BIN)/python -m simulations.bench_aggregation
