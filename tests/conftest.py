@@ -73,6 +73,21 @@ def simulate(tmp: Path, nodes: int = 3, **overrides: Any) -> SimulationRun:
     return SimulationRun(tmp / "run", tmp / "fedlora.db", tmp / "audit", done.returncode, done.stdout + done.stderr)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the modules with end-to-end runs (a ``slow`` test, or one reading ``tiny_simulation``) first.
+
+    ``make test`` hands whole modules to two xdist workers in collection order; starting the long modules first
+    keeps one worker from being left with them at the end while the other idles. The order within a module and
+    among the other modules is unchanged.
+    """
+
+    def is_heavy(item: pytest.Item) -> bool:
+        return item.get_closest_marker("slow") is not None or "tiny_simulation" in getattr(item, "fixturenames", ())
+
+    heavy = {item.path for item in items if is_heavy(item)}
+    items.sort(key=lambda item: item.path not in heavy)
+
+
 @pytest.fixture(scope="session")
 def tiny_simulation(tmp_path_factory: pytest.TempPathFactory) -> SimulationRun:
     """One real 3-node, 2-round simulation (ranks 2, 4, 8; svd rule) shared by the tests that only read it."""

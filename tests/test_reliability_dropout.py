@@ -30,6 +30,7 @@ from common.validation import reason_code
 from server.checkpoint import Checkpoint, load_checkpoint
 from server.global_adapter import GlobalAdapter
 
+pytestmark = pytest.mark.slow
 NODES = 10
 MIN_NODES = 7
 ROUND_TIMEOUT = 60.0
