@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,19 @@ def simulate(tmp: Path, nodes: int = 3, **overrides: Any) -> SimulationRun:
         *settings_flags(settings),
     )  # fmt: skip
     return SimulationRun(tmp / "run", tmp / "fedlora.db", tmp / "audit", done.returncode, done.stdout + done.stderr)
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny-matrix tests (``pytestmark = pytest.mark.usefixtures(...)``): they gain
+    nothing from a second OpenMP thread, and on a busy machine it stalls them (112 s with 2 threads at a load average
+    of 15, 40 s with 1, for the aggregation and diagnostics modules)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,7 +8,6 @@ Shapes stay small (the properties do not depend on size) except for one explicit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +22,7 @@ Array = np.ndarray
 PROPERTY = settings(max_examples=30, deadline=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from a second OpenMP thread, and on a busy machine it stalls them (112 s with 2
-    threads at a load average of 15, 40 s with 1, for these three modules)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --- the independent reference -------------------------------------------------------------------------------------

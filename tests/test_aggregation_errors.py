@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,14 +14,7 @@ from common.aggregation import RULES, AggregationRule, check_clients, ffa, get_r
 OUT, IN = 6, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from a second OpenMP thread, and on a busy machine it stalls them (112 s with 2
-    threads at a load average of 15, 40 s with 1, for these three modules)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def good_clients() -> list[tuple[object, object, float]]:

@@ -154,17 +154,24 @@ def test_tokenized_lines_start_with_bos_end_with_eos_and_ignore_padding() -> Non
 
 
 # --- perplexity ------------------------------------------------------------------------------------------------------
-def test_perplexity_matches_a_per_line_reference() -> None:
-    # Arrange: an independent computation, one unpadded line at a time with log_softmax.
-    model, tokenizer = tiny_llama(), tiny_tokenizer()
-    batch = tokenize_lines(tokenizer, LINES, max_length=8)
-    nll, tokens = 0.0, 0
+def reference_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per line, the float64 log-probability of each token after the first, from one unpadded forward pass per line."""
+    per_line = []
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
         ids = ids[mask.bool()].unsqueeze(0)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-        nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
-        tokens += ids.shape[1] - 1
+        per_line.append(logp.gather(1, ids[0, 1:, None])[:, 0])
+    return per_line
+
+
+def test_perplexity_matches_a_per_line_reference() -> None:
+    # Arrange: an independent computation, one unpadded line at a time with log_softmax.
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    batch = tokenize_lines(tokenizer, LINES, max_length=8)
+    per_line = reference_token_logps(model, batch)
+    nll = -sum(float(logp.sum()) for logp in per_line)
+    tokens = sum(logp.numel() for logp in per_line)
     # Act
     result = perplexity(model, batch, batch_size=4, device=CPU)
     # Assert
@@ -176,14 +183,9 @@ def test_content_perplexity_leaves_out_each_lines_first_word_and_eos() -> None:
     # Arrange: the per-line reference over positions 2 .. len-2 of each unpadded row (first word and EOS left out).
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     batch = tokenize_lines(tokenizer, LINES, max_length=8)
-    nll, tokens = 0.0, 0
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
-        ids = ids[mask.bool()].unsqueeze(0)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-        picked = logp.gather(1, ids[0, 1:, None])[1:-1]
-        nll -= float(picked.sum())
-        tokens += picked.numel()
+    content = [logp[1:-1] for logp in reference_token_logps(model, batch)]
+    nll = -sum(float(logp.sum()) for logp in content)
+    tokens = sum(logp.numel() for logp in content)
     # Act
     everything, content = line_perplexities(model, batch, batch_size=4, device=CPU)
     # Assert
