@@ -99,14 +99,19 @@ def stop_process_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
-def launch_processes(launch_id: str) -> list[psutil.Process]:
-    """Live processes marked with ``launch_id`` (see :func:`flower_env`), wherever they were re-parented."""
+def marked_processes(variable: str, value: str) -> list[psutil.Process]:
+    """Live processes whose environment sets ``variable`` to ``value``, wherever they were re-parented."""
     found = []
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            if proc.environ().get(LAUNCH_ID) == launch_id and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.environ().get(variable) == value and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
     return found
+
+
+def launch_processes(launch_id: str) -> list[psutil.Process]:
+    """Live processes marked with ``launch_id`` (see :func:`flower_env`), wherever they were re-parented."""
+    return marked_processes(LAUNCH_ID, launch_id)
 
 
 def stop_launch(launch_id: str, grace: float = 10.0, attempts: int = 3) -> list[psutil.Process]:

@@ -28,6 +28,7 @@ from conftest import TINY_SETTINGS, SimulationRun, fedlora_command, run_fedlora,
 
 from common.config import RunConfig
 from server.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from simulations.launcher import marked_processes
 
 TAG = "FEDLORA_TEST_PROCESS_TAG"
 """Environment variable that marks every process a test starts (Flower and Ray pass the environment down)."""
@@ -37,12 +38,7 @@ TIMING = {"round_seconds", "aggregation_seconds"}
 
 def tagged(tag: str) -> list[psutil.Process]:
     """Live processes whose environment carries ``tag`` (only the ones this test started)."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-    return found
+    return marked_processes(TAG, tag)
 
 
 def kill_everything(root: subprocess.Popen[bytes], tag: str, timeout: float = 60.0) -> int:
