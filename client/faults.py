@@ -22,7 +22,10 @@ INJECT_FAULTS = "inject-faults"
 KINDS = ("raise", "hang")
 PHASES = ("train", "evaluate")
 HANG_MARGIN_S = 5.0
-"""How long past the coordinator's deadline a hanging node stays silent before it gives up."""
+"""Least time past the coordinator's deadline a hanging node stays silent before it gives up."""
+HANG_MARGIN_FRACTION = 0.25
+"""... and at least this fraction of round-timeout: the coordinator starts its clock only once every message of the
+round is pushed, which on a loaded machine can take several seconds after ``created_at``."""
 
 
 class InjectedFault(RuntimeError):
@@ -65,11 +68,13 @@ def hang_seconds(msg: Message, round_timeout: float, now: float) -> float:
     """Seconds until the coordinator's deadline for ``msg`` has passed (plus a margin), from ``now``.
 
     The deadline counts from when the coordinator created the message (``created_at``), so a node that starts late
-    (queued behind others) does not stay silent for longer than it takes to miss the round.
+    (queued behind others) does not stay silent for longer than it takes to miss the round. The margin is
+    ``max(HANG_MARGIN_S, HANG_MARGIN_FRACTION · round_timeout)``.
     """
     created = float(msg.metadata.created_at)
     start = created if created > 0 else now
-    return max(0.0, start + round_timeout + HANG_MARGIN_S - now)
+    margin = max(HANG_MARGIN_S, HANG_MARGIN_FRACTION * round_timeout)
+    return max(0.0, start + round_timeout + margin - now)
 
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -31,6 +31,7 @@ from client.train import Batch, TrainSettings, evaluate, pick_device, train
 from common.aggregation import svd_reproject
 from common.config import RunConfig
 from common.updates import AdapterFactors, EvaluateReply, Instruction, NodeInfo, TrainReply
+from common.validation import Layout, check_instruction
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ def build_model(cfg: RunConfig, node: NodeSettings, ins: Instruction | None) -> 
     settings = lora_settings(cfg, node.rank, base)
     model = attach_lora(base, settings)
     if ins is not None and ins.adapter is not None:
+        # The same checks the coordinator runs on replies (keys, shapes at the sent rank, dtype, finite values).
+        reason = check_instruction(ins, ins.rank, Layout.from_adapter(get_adapter(model)))
+        if reason is not None:
+            raise ValueError(f"node {node.name} refuses the global factors of round {ins.server_round}: {reason}")
         load_adapter_inplace(model, fit_to_rank(ins, settings), settings)
     return model, settings
 

@@ -117,6 +117,29 @@ def test_clip_update_is_joint_over_modules_and_dense_tensors() -> None:
     assert ratios == pytest.approx([1.0 / clipped.norm] * 3, rel=1e-5)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    modules=st.lists(lora_factors(), min_size=1, max_size=4),
+    head_scale=st.sampled_from([0.0, 1e-3, 1.0, 30.0]),
+    max_norm=st.floats(1e-3, 1e3),
+)
+def test_joint_clipped_norm_is_at_most_c(modules: list[LoRAFactors], head_scale: float, max_norm: float) -> None:
+    """The whole update (every module with its own shape, plus a dense head) ends within C, dense-checked."""
+    head = head_scale * torch.randn(3, 5, generator=torch.Generator().manual_seed(len(modules)), dtype=torch.float64)
+    factors = {f"m{k}": f for k, f in enumerate(modules)}
+
+    clipped = clip_update(factors, max_norm, dense={"head": head})
+
+    total = math.sqrt(
+        sum(dense_norm(f) ** 2 for f in clipped.factors.values()) + float(clipped.dense["head"].norm()) ** 2
+    )
+    assert total <= max_norm * (1 + 1e-6)
+    original = math.sqrt(sum(dense_norm(f) ** 2 for f in modules) + float(head.norm()) ** 2)
+    assert clipped.norm == pytest.approx(original, rel=1e-9, abs=1e-12)
+    if original <= max_norm:
+        assert total == pytest.approx(original, rel=1e-12, abs=1e-15)
+
+
 def test_factor_difference_is_the_difference_of_products() -> None:
     g = torch.Generator().manual_seed(SEED)
     new, old = random_factors(g, 6, 5, 3, 0.5), random_factors(g, 6, 5, 2, 4.0)

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_reliability_rejections import CFG, RANKS, FakeGrid, valid_reply
 
-from client.faults import HANG_MARGIN_S, Fault, hang_seconds, parse_faults
+from client.faults import HANG_MARGIN_FRACTION, HANG_MARGIN_S, Fault, hang_seconds, parse_faults
 from common import records
 from common.config import RunConfig
 from common.validation import reason_code
@@ -139,5 +139,8 @@ def test_fault_items_parse_with_an_optional_phase() -> None:
 def test_a_hanging_node_stays_silent_until_the_round_deadline_has_passed() -> None:
     msg = Message(RecordDict(), message_type="train", dst_node_id=3)
     created = msg.metadata.created_at
-    assert hang_seconds(msg, 30.0, now=created + 10) == pytest.approx(20 + HANG_MARGIN_S)
-    assert hang_seconds(msg, 30.0, now=created + 100) == 0.0
+    assert hang_seconds(msg, 10.0, now=created + 4) == pytest.approx(6 + HANG_MARGIN_S)
+    assert hang_seconds(msg, 10.0, now=created + 100) == 0.0
+    # A long round gets a proportional margin: the coordinator's clock starts only after every message is pushed.
+    assert hang_seconds(msg, 60.0, now=created + 10) == pytest.approx(50 + HANG_MARGIN_FRACTION * 60.0)
+    assert HANG_MARGIN_FRACTION * 60.0 > HANG_MARGIN_S

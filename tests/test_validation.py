@@ -221,3 +221,43 @@ def test_check_instruction_accepts_good_factors_and_no_factors() -> None:
 def test_check_instruction_rejects_bad_global_factors(ins: Instruction, code: str) -> None:
     reason = check_instruction(ins, RANK, LAYOUT, own_scaling=SCALING)
     assert reason is not None and reason_code(reason) == code, reason
+
+
+# --- a real node refuses bad global factors before loading them ------------------------------------------------------
+
+
+def nan_in_lora_A(adapter: AdapterFactors) -> None:
+    module = next(iter(adapter.lora))
+    lora_A, lora_B = adapter.lora[module]
+    adapter.lora[module] = (np.full_like(lora_A, np.nan), lora_B)
+
+
+def drop_a_module(adapter: AdapterFactors) -> None:
+    adapter.lora.pop(next(iter(adapter.lora)))
+
+
+def extra_head_key(adapter: AdapterFactors) -> None:
+    adapter.head["classifier.extra"] = np.zeros(2, np.float32)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [(nan_in_lora_A, "non-finite"), (drop_a_module, "missing-key"), (extra_head_key, "unexpected-key")],
+)
+def test_a_node_refuses_damaged_global_factors(damage: Callable[[AdapterFactors], None], reason: str) -> None:
+    from client.model import get_adapter
+    from client.node import NodeSettings, build_model
+    from common.config import RunConfig
+    from common.lora import lora_scaling
+
+    cfg = RunConfig.from_mapping({"model": "tiny", "task": "tiny", "node-ranks": "2,4"})
+    node = NodeSettings.from_node_config(cfg, {"partition-id": 1, "num-partitions": 2})
+    scaling = lora_scaling(cfg.lora_alpha, node.rank)
+    fresh, _ = build_model(cfg, node, None)
+    good = get_adapter(fresh)
+    build_model(cfg, node, Instruction(2, node.rank, scaling, good))  # the undamaged factors load
+    bad = AdapterFactors(dict(good.lora), dict(good.head))
+    damage(bad)
+
+    with pytest.raises(ValueError, match=f"refuses the global factors of round 2: {reason}"):
+        build_model(cfg, node, Instruction(2, node.rank, scaling, bad))
