@@ -11,9 +11,10 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -203,9 +204,32 @@ def reset_adapter_inplace(model: PeftModel, settings: LoRASettings, head: dict[s
     set_peft_model_state_dict(model, fresh, adapter_name=model.active_adapter)
 
 
+V = TypeVar("V")
+
+OPACUS_PREFIX = "_module."
+"""What ``GradSampleModule`` puts in front of every key of the wrapped model's ``state_dict``."""
+
+
+def strip_opacus_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
+    """Drop the ``_module.`` prefix(es) ``GradSampleModule`` adds to state-dict keys; other keys stay as they are."""
+    stripped: dict[str, V] = {}
+    for key, value in state_dict.items():
+        new_key = key
+        while new_key.startswith(OPACUS_PREFIX):
+            new_key = new_key[len(OPACUS_PREFIX) :]
+        if new_key in stripped:
+            raise ValueError(f"stripping {OPACUS_PREFIX!r} from {key!r} collides with another key {new_key!r}")
+        stripped[new_key] = value
+    return stripped
+
+
 def get_adapter(model: PeftModel) -> AdapterFactors:
-    """The active adapter's LoRA factors and head as float32 numpy arrays, keyed like peft saves them."""
-    state = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    """The active adapter's LoRA factors and head as float32 numpy arrays, keyed like peft saves them.
+
+    The one place where Opacus's ``_module.`` prefix is removed: a node releases keys exactly as peft saves them,
+    whether or not its model was wrapped for DP-SGD.
+    """
+    state = strip_opacus_prefix(get_peft_model_state_dict(model, adapter_name=model.active_adapter))
     return AdapterFactors.from_state_dict({k: v.detach().cpu().float().numpy().copy() for k, v in state.items()})
 
 

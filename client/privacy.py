@@ -17,9 +17,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,11 +33,6 @@ if TYPE_CHECKING:
 
 STATE_DIR_ENV = "FEDLORA_STATE_DIR"
 """Environment variable naming the folder of node-side privacy ledgers (when node-config has no ``state-dir``)."""
-
-OPACUS_PREFIX = "_module."
-"""What ``GradSampleModule`` puts in front of every key of the wrapped model's ``state_dict``."""
-
-V = TypeVar("V")
 
 
 def attach_dp_sgd(
@@ -132,19 +126,6 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
     optimizer.zero_grad()
-
-
-def strip_opacus_prefix(state_dict: Mapping[str, V]) -> dict[str, V]:
-    """Drop the ``_module.`` prefix(es) ``GradSampleModule`` adds to state-dict keys; other keys stay as they are."""
-    stripped: dict[str, V] = {}
-    for key, value in state_dict.items():
-        new_key = key
-        while new_key.startswith(OPACUS_PREFIX):
-            new_key = new_key[len(OPACUS_PREFIX) :]
-        if new_key in stripped:
-            raise ValueError(f"stripping {OPACUS_PREFIX!r} from {key!r} collides with another key {new_key!r}")
-        stripped[new_key] = value
-    return stripped
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy import NodePrivacyState, attach_dp_sgd, dp_sample_rate, noise_only_step, strip_opacus_prefix
+from client.model import strip_opacus_prefix
+from client.privacy import NodePrivacyState, attach_dp_sgd, dp_sample_rate, noise_only_step
 from common.accounting import PrivacyLedger
 from common.dp import make_generator
 
