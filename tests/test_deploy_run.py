@@ -29,6 +29,7 @@ from deploy import Deployment, bounded, running, wait_until
 
 from client.audit import audit_mod
 from client.model import resolve_model
+from server.certs import create_certs
 from simulations.tasks import TINY_TOPICS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="process groups, SIGALRM")]
@@ -36,6 +37,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 RANKS = {"node-0": 2, "node-1": 8}
 ROUNDS = 2
 RUN_CONFIG: dict[str, Any] = {**TINY_SETTINGS, "node-ranks": "2,8", "rule": "svd", "num-rounds": ROUNDS, "min-nodes": 2}
+INTRUDER_EXIT_S = 120.0
+"""How long a refused SuperNode may take to give up (it retries the connection a few times first)."""
 RUN_TIMEOUT_S = 1500
 """The 2-round run took 10 min on 2 cores at a load average of 17: every message starts a fresh ClientApp process."""
 TARGETS = ("query", "key", "value")
@@ -59,6 +62,8 @@ class DeployedRun:
     node_logs: dict[str, str]
     leftover: set[int]
     """Processes the deployment started (and their descendants) still running after it stopped."""
+    intruders: dict[str, tuple[int | None, str]]
+    """SuperNodes that tried to join while the run went on: name → (exit status, log)."""
 
     def metrics(self) -> list[dict[str, Any]]:
         return list(json.loads((self.out_dir / "metrics.json").read_text()))
@@ -72,18 +77,32 @@ class DeployedRun:
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> DeployedRun:
     tmp = tmp_path_factory.mktemp("deployed-run")
     outputs = {"out-dir": str(tmp / "run"), "store": str(tmp / "fedlora.db"), "audit-dir": str(tmp / "audit")}
-    with bounded(RUN_TIMEOUT_S), Deployment(tmp / "deployment", nodes=2) as dep:
+    other_ca = create_certs(tmp / "other-ca", nodes=0)[0].ca_cert
+    with bounded(RUN_TIMEOUT_S), Deployment(tmp / "deployment", nodes=len(RANKS) + 1) as dep:
         devices = []
         for index, (name, rank) in enumerate(RANKS.items()):
             dep.register(index)
             partition = ("--partition-id", str(index), "--num-partitions", str(len(RANKS)))
             devices.append(dep.start_client(dep.client_args(index, rank, "--name", name, *partition), name=name))
         dep.wait_online(devices, timeout=300)
+        # Three SuperNodes try to join the same SuperLink as the run starts: without the CA certificate, with another
+        # CA, and with a key that was never registered (node-2's). Each would be sampled if it got in.
+        intruding = {"no-ca": (1, False), "wrong-ca": (1, other_ca), "unregistered": (len(RANKS), True)}
+        intruders = [
+            dep.start_supernode(key, root_cert=cert, node_config={"lora-rank": 4, "partition-id": 1}, name=name)
+            for name, (key, cert) in intruding.items()
+        ]
         started = time.monotonic()
         run_id = dep.run_app(PROJECT_DIR, {**RUN_CONFIG, **outputs})
         status = dep.wait_run(run_id, timeout=RUN_TIMEOUT_S)
         seconds = time.monotonic() - started
         server_log = dep.cli.run_log(run_id)
+        refused = {}
+        for proc in intruders:
+            try:
+                refused[proc.name] = (proc.wait(INTRUDER_EXIT_S), proc.log())
+            except subprocess.TimeoutExpired:
+                refused[proc.name] = (None, proc.log())
         started_here = dep.process_tree()
     try:
         wait_until(lambda: not any(running(pid) for pid in started_here), 30, "the deployment's processes to end")
@@ -98,6 +117,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> DeployedRun:
         server_log=server_log,
         node_logs={proc.name: proc.log() for proc in dep.procs if proc.name in RANKS},
         leftover={pid for pid in started_here if running(pid)},
+        intruders=refused,
     )
 
 
@@ -177,6 +197,28 @@ def test_the_run_completed(deployed: DeployedRun) -> None:
     assert deployed.status == "finished:completed", deployed.server_log[-4000:]
     assert "fedlora | done" in deployed.server_log
     assert [row["round"] for row in deployed.metrics()] == list(range(ROUNDS + 1))
+    assert all(row["participants"] == len(RANKS) for row in deployed.metrics()[1:])
+
+
+@pytest.mark.parametrize(
+    ("intruder", "refusal"),
+    [
+        ("no-ca", "CERTIFICATE_VERIFY_FAILED"),
+        ("wrong-ca", "CERTIFICATE_VERIFY_FAILED"),
+        ("unregistered", "[code: 2004] Failed to activate SuperNode."),
+    ],
+)
+def test_supernodes_without_the_ca_with_a_wrong_ca_or_an_unregistered_key_are_refused(
+    deployed: DeployedRun, intruder: str, refusal: str
+) -> None:
+    code, log = deployed.intruders[intruder]
+
+    assert code == 1, log[-2000:]  # Flower's connection-error exit
+    assert "Exit Code: 305" in log and "Failed to initialize the connection to the SuperLink." in log
+    assert refusal in log
+    # ... and the run went on with the two registered devices only (every connected node is sampled).
+    with sqlite3.connect(deployed.store) as db:
+        assert sorted(name for (name,) in db.execute("SELECT name FROM nodes")) == sorted(RANKS)
     assert all(row["participants"] == len(RANKS) for row in deployed.metrics()[1:])
 
 
