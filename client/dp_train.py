@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import NodePrivacyState, attach_dp_sgd, dp_sample_rate, noise_only_step
-from client.train import Batch, TrainResult, TrainSettings, lr_lambda
+from client.train import Batch, TrainResult, TrainSettings, lr_lambda, make_optimizer
 from common.accounting import noise_multiplier_for
 from common.dp import make_generator
 
@@ -106,8 +106,7 @@ def train_private(
         if exhausted:
             raise PrivacyBudgetExhausted(f"node declines to train: {reason}")
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)  # as client.train.train
+    optimizer = make_optimizer(model, settings)  # as client.train.train
     scheduler = LambdaLR(optimizer, lambda s: lr_lambda(s, settings.steps, settings.warmup_ratio, settings.schedule))
     generator = make_generator(dp.seed, device=device) if dp.seed is not None else None
     private_model, private_optimizer, private_loader = attach_dp_sgd(

@@ -179,6 +179,7 @@ def train_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> TrainRep
         steps=cfg.local_steps,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
+        head_lr_ratio=cfg.head_lr_ratio,
         warmup_ratio=cfg.warmup_ratio,
         schedule=cfg.schedule,
         seed=cfg.seed * 100_003 + ins.server_round * 1_009 + node.partition_id,

@@ -23,6 +23,9 @@ class TrainSettings:
     warmup_ratio: float = 0.1
     schedule: str = "cosine"
     seed: int = 0
+    head_lr_ratio: float = 1.0
+    """Learning rate of the trainable parameters that are not LoRA factors (the new classification head), relative
+    to ``learning_rate``."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,18 @@ def lr_lambda(step: int, total: int, warmup_ratio: float, schedule: str) -> floa
     return max(0.0, 1.0 - progress)
 
 
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: LoRA factors at ``learning_rate``, the rest (the head) at
+    ``learning_rate · head_lr_ratio``."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    lora = [p for name, p in trainable if "lora_" in name]
+    rest = [p for name, p in trainable if "lora_" not in name]
+    groups = [{"params": lora, "lr": settings.learning_rate}]
+    if rest:
+        groups.append({"params": rest, "lr": settings.learning_rate * settings.head_lr_ratio})
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=0.0)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """bf16 autocast on CUDA; nothing on CPU (float32)."""
     if device.type == "cuda":
@@ -83,13 +98,12 @@ def train(
     callback: Callable[[int, float], None] | None = None,
     bf16_on_cuda: bool = False,
 ) -> TrainResult:
-    """Run ``settings.steps`` AdamW steps on the trainable parameters (LoRA and head).
+    """Run ``settings.steps`` AdamW steps on the trainable parameters (LoRA and head, see :func:`make_optimizer`).
 
     With ``every`` > 0, ``callback(step, mean_loss_since_last_call)`` runs after every ``every`` steps. With
     ``bf16_on_cuda``, the forward pass runs under bf16 autocast when ``device`` is a CUDA device.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(model, settings)
     scheduler = LambdaLR(
         optimizer, lambda step: lr_lambda(step, settings.steps, settings.warmup_ratio, settings.schedule)
     )

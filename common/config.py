@@ -67,7 +67,10 @@ class RunConfig:
     batch_size: int = 16
     """Training batch size."""
     learning_rate: float = 1e-3
-    """Peak AdamW learning rate."""
+    """Peak AdamW learning rate of the LoRA factors."""
+    head_lr_ratio: float = 1.0
+    """Learning rate of the new classification head relative to ``learning_rate`` (the head starts from random
+    weights, the LoRA factors from a zero update)."""
     warmup_ratio: float = 0.1
     """Fraction of a node's steps spent in linear warm-up."""
     schedule: str = "cosine"
@@ -165,7 +168,7 @@ class RunConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if max(self.node_ranks) > self.max_rank:
             raise ValueError(f"node-ranks {self.node_ranks} exceed max-rank {self.max_rank}")
-        for name in ("learning_rate", "lora_alpha", "dirichlet_alpha", "round_timeout", "norm_factor"):
+        for name in ("learning_rate", "head_lr_ratio", "lora_alpha", "dirichlet_alpha", "round_timeout", "norm_factor"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name.replace('_', '-')} must be a positive number, got {value}")

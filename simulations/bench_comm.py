@@ -116,7 +116,9 @@ def back_to_back_seconds(cfg: Any, num_nodes: int, steps: int) -> float:
     train(
         model,
         batch,
-        TrainSettings(steps, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio, cfg.schedule),
+        TrainSettings(
+            steps, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio, cfg.schedule, head_lr_ratio=cfg.head_lr_ratio
+        ),
         pick_device(),
     )
     return time.perf_counter() - started

@@ -115,6 +115,7 @@ def scale_line(scale: str, overlay: dict[str, Any]) -> str:
         "local-steps",
         "batch-size",
         "learning-rate",
+        "head-lr-ratio",
         "max-length",
     )
     keys += ("train-examples", "eval-examples")
