@@ -64,12 +64,16 @@ def settings_flags(settings: dict[str, Any]) -> list[str]:
     return flags
 
 
-def simulate(tmp: Path, nodes: int = 3, **overrides: Any) -> SimulationRun:
-    """Run a real ``fedlora simulate`` of the tiny task into ``tmp``."""
+def simulate(tmp: Path, nodes: int = 3, cpus_per_node: int = 2, **overrides: Any) -> SimulationRun:
+    """Run a real ``fedlora simulate`` of the tiny task into ``tmp``.
+
+    ``cpus_per_node`` 2 (this machine's cores) runs the nodes one after the other, in partition order, which tests of
+    timing and failures rely on; 1 (the command's default) runs two at once.
+    """
     settings = {**TINY_SETTINGS, **overrides, "audit-dir": str(tmp / "audit")}
     done = run_fedlora(
         "simulate", "--nodes", str(nodes), "--out", str(tmp / "run"), "--store", str(tmp / "fedlora.db"),
-        *settings_flags(settings),
+        "--cpus-per-node", str(cpus_per_node), *settings_flags(settings),
     )  # fmt: skip
     return SimulationRun(tmp / "run", tmp / "fedlora.db", tmp / "audit", done.returncode, done.stdout + done.stderr)
 
@@ -105,7 +109,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def tiny_simulation(tmp_path_factory: pytest.TempPathFactory) -> SimulationRun:
     """One real 3-node, 2-round simulation (ranks 2, 4, 8; svd rule) shared by the tests that only read it."""
-    run = simulate(tmp_path_factory.mktemp("tiny-simulation"))
+    run = simulate(tmp_path_factory.mktemp("tiny-simulation"), cpus_per_node=1)  # the default: nodes in parallel
     assert run.returncode == 0, run.output[-4000:]
     return run
 

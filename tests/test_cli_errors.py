@@ -39,6 +39,10 @@ def test_model_path_that_does_not_exist(tmp_path: Path) -> None:
     check_one_line_error(["simulate", "--set", f'model="{missing}"', "--out", str(tmp_path / "o")], str(missing))
 
 
+def test_cpus_per_node_below_one(tmp_path: Path) -> None:
+    check_one_line_error(["simulate", "--cpus-per-node", "0", "--out", str(tmp_path / "o")], "--cpus-per-node")
+
+
 def test_unknown_config_key_in_overlay(tmp_path: Path) -> None:
     overlay = tmp_path / "exp.toml"
     overlay.write_text('rul = "svd"\n')

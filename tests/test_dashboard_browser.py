@@ -38,7 +38,8 @@ def simulation_command(tmp_path: Path) -> list[str]:
     """``fedlora simulate`` of the tiny task, 3 nodes at ranks 2/4/8, 3 rounds, writing ``tmp_path/fedlora.db``."""
     settings = {**TINY_SETTINGS, "num-rounds": ROUNDS, "inject-faults": FAULTS}
     return fedlora_command(
-        "simulate", "--nodes", str(NODES), "--out", str(tmp_path / "run"), "--store", str(tmp_path / "fedlora.db"),
+        "simulate", "--cpus-per-node", "2",
+        "--nodes", str(NODES), "--out", str(tmp_path / "run"), "--store", str(tmp_path / "fedlora.db"),
         *settings_flags(settings),
     )  # fmt: skip
 

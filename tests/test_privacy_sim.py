@@ -27,7 +27,8 @@ SMALL = {**TINY_SETTINGS, "local-steps": 10, "eval-examples": 40}
 def simulate_private(tmp: Path, **overrides: Any) -> SimulationRun:
     settings = {**SMALL, **overrides, "audit-dir": str(tmp / "audit")}
     done = run_fedlora(
-        "simulate", "--nodes", "3", "--out", str(tmp / "run"), "--store", str(tmp / "fedlora.db"),
+        "simulate", "--cpus-per-node", "2",
+        "--nodes", "3", "--out", str(tmp / "run"), "--store", str(tmp / "fedlora.db"),
         *settings_flags(settings), env={STATE_DIR_ENV: str(tmp / "node-state")},
     )  # fmt: skip
     run = SimulationRun(tmp / "run", tmp / "fedlora.db", tmp / "audit", done.returncode, done.stdout + done.stderr)

@@ -75,7 +75,8 @@ def started_simulation(tmp: Path, tag: str) -> Iterator[subprocess.Popen[bytes]]
     """``fedlora simulate`` with the settings of ``tiny_simulation``, in its own session; everything is gone after."""
     settings = {**TINY_SETTINGS, "audit-dir": str(tmp / "audit")}
     command = fedlora_command(
-        "simulate", "--nodes", "3", "--out", str(tmp / "run"), "--store", str(tmp / "fedlora.db"),
+        "simulate", "--cpus-per-node", "2",
+        "--nodes", "3", "--out", str(tmp / "run"), "--store", str(tmp / "fedlora.db"),
         *settings_flags(settings),
     )  # fmt: skip
     with (tmp / "simulate.log").open("wb") as log:
