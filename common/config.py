@@ -68,7 +68,7 @@ class RunConfig:
     """Training batch size."""
     learning_rate: float = 1e-3
     """Peak AdamW learning rate of the LoRA factors."""
-    head_lr_ratio: float = 1.0
+    head_lr_ratio: float = 10.0
     """Learning rate of the new classification head relative to ``learning_rate`` (the head starts from random
     weights, the LoRA factors from a zero update)."""
     warmup_ratio: float = 0.1
@@ -79,7 +79,7 @@ class RunConfig:
     """Tokens per example (truncation)."""
     train_examples: int = 0
     """Cap on training examples per node (0 = the node's whole share)."""
-    eval_examples: int = 200
+    eval_examples: int = 100
     """Held-out examples each node evaluates on."""
     partitioner: str = "dirichlet"
     """How packaged data is split over simulated nodes: ``dirichlet``, ``iid`` or ``pathological``."""

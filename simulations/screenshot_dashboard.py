@@ -7,7 +7,8 @@ round 3 so that a rejected update shows); a few minutes on two cores::
 
     fedlora simulate --nodes 4 --out /tmp/shot/run --store /tmp/shot/fedlora.db \
         --set model='"tiny"' --set task='"tiny"' --set max-length=16 --set node-ranks='"2,4,8,16"' \
-        --set local-steps=10 --set learning-rate=0.01 --set num-rounds=5 --set inject-faults='"partition-3:raise@3"'
+        --set local-steps=10 --set learning-rate=0.01 --set head-lr-ratio=1 --set num-rounds=5 \
+        --set inject-faults='"partition-3:raise@3"'
     python -m simulations.screenshot_dashboard --db /tmp/shot/fedlora.db
 
 ``python -m server.dashboard.demo --db PATH`` writes a synthetic run instead, to preview the pages without training.
