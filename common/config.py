@@ -66,7 +66,7 @@ class RunConfig:
     """Optimizer steps per node per round."""
     batch_size: int = 16
     """Training batch size."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     """Peak AdamW learning rate of the LoRA factors."""
     head_lr_ratio: float = 10.0
     """Learning rate of the new classification head relative to ``learning_rate`` (the head starts from random
