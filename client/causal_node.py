@@ -30,7 +30,7 @@ from client.causal_lm import (
 )
 from client.model import LoRASettings, freeze_lora_A_inplace, get_adapter, reset_adapter_inplace
 from client.model import load_adapter_inplace as load_factors_inplace
-from client.node import NodeSettings, fit_to_rank, node_info
+from client.node import NodeSettings, fit_to_rank, node_info, round_seed
 from client.train import Batch, TrainSettings, pick_device
 from common.config import RunConfig
 from common.updates import EvaluateReply, Instruction, TrainReply
@@ -78,14 +78,7 @@ def train_causal_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> T
     model, train_batch, _, num_examples = _node_model(cfg, node, ins)
     if ins.freeze_lora_A:
         freeze_lora_A_inplace(model)
-    settings = TrainSettings(
-        cfg.local_steps,
-        cfg.batch_size,
-        cfg.learning_rate,
-        cfg.warmup_ratio,
-        cfg.schedule,
-        seed=cfg.seed * 100_003 + ins.server_round * 1_009 + node.partition_id,
-    )
+    settings = TrainSettings.from_config(cfg, cfg.local_steps, round_seed(cfg.seed, ins.server_round, node))
     result = train_causal(model, train_batch, settings, pick_device())
     metrics = {
         "train-loss": result.mean_loss,

@@ -140,6 +140,11 @@ def fit_to_rank(ins: Instruction, settings: LoRASettings) -> AdapterFactors:
     return AdapterFactors(lora, ins.adapter.head)
 
 
+def round_seed(seed: int, server_round: int, node: NodeSettings) -> int:
+    """A seed of its own for every (run seed, round, node): batch order, and DP noise when a test fixes it."""
+    return seed * 100_003 + server_round * 1_009 + node.partition_id
+
+
 def privacy_state(cfg: RunConfig, node: NodeSettings) -> NodePrivacyState:
     """This node's ledger for this run: one file per (node name, seed, coordinator out-dir) in the state folder.
 
@@ -153,7 +158,7 @@ def privacy_state(cfg: RunConfig, node: NodeSettings) -> NodePrivacyState:
 
 def local_dp_settings(cfg: RunConfig, node: NodeSettings, server_round: int) -> LocalDPSettings:
     """DP-SGD settings of this node; a fixed noise seed (tests only) differs per node and round."""
-    seed = None if cfg.noise_seed < 0 else cfg.noise_seed * 100_003 + server_round * 1_009 + node.partition_id
+    seed = None if cfg.noise_seed < 0 else round_seed(cfg.noise_seed, server_round, node)
     return LocalDPSettings(
         noise_multiplier=cfg.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
@@ -175,15 +180,7 @@ def train_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> TrainRep
     if ins.freeze_lora_A:
         freeze_lora_A_inplace(model)
     train_batch, _, num_examples = _tokenized(cfg, node, str(resolve_model(node.model)))
-    train_settings = TrainSettings(
-        steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        head_lr_ratio=cfg.head_lr_ratio,
-        warmup_ratio=cfg.warmup_ratio,
-        schedule=cfg.schedule,
-        seed=cfg.seed * 100_003 + ins.server_round * 1_009 + node.partition_id,
-    )
+    train_settings = TrainSettings.from_config(cfg, cfg.local_steps, round_seed(cfg.seed, ins.server_round, node))
     privacy: dict[str, float] = {}
     if cfg.dp == "local":
         dp = local_dp_settings(cfg, node, ins.server_round)

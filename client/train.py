@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from common.config import RunConfig
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -26,6 +28,11 @@ class TrainSettings:
     head_lr_ratio: float = 1.0
     """Learning rate of the trainable parameters that are not LoRA factors (the new classification head), relative
     to ``learning_rate``."""
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, steps: int, seed: int = 0) -> TrainSettings:
+        """``steps`` steps with the run config's batch size, learning rates and schedule."""
+        return cls(steps, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio, cfg.schedule, seed, cfg.head_lr_ratio)
 
 
 @dataclass(frozen=True)

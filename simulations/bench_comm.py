@@ -116,9 +116,7 @@ def back_to_back_seconds(cfg: Any, num_nodes: int, steps: int) -> float:
     train(
         model,
         batch,
-        TrainSettings(
-            steps, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio, cfg.schedule, head_lr_ratio=cfg.head_lr_ratio
-        ),
+        TrainSettings.from_config(cfg, steps),
         pick_device(),
     )
     return time.perf_counter() - started

@@ -63,9 +63,7 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
         )
 
     record(0, None)
-    schedule = TrainSettings(
-        steps, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio, cfg.schedule, cfg.seed, cfg.head_lr_ratio
-    )
+    schedule = TrainSettings.from_config(cfg, steps, cfg.seed)
     train(model, train_batch, schedule, device, every=per_round, callback=record)
     save_peft_adapter(out_dir / "adapter", get_adapter(model), settings.rank, cfg, cfg.model)
     plot_metrics(rows, out_dir / "metrics.png", f"centralized LoRA r={settings.rank}")
