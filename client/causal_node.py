@@ -29,8 +29,7 @@ from client.causal_lm import (
     use_causal_rank,
 )
 from client.model import LoRASettings, freeze_lora_A_inplace, get_adapter, reset_adapter_inplace
-from client.model import load_adapter_inplace as load_factors_inplace
-from client.node import NodeSettings, fit_to_rank, node_info, round_seed
+from client.node import NodeSettings, load_global_inplace, node_info, round_seed
 from client.train import Batch, TrainSettings, pick_device
 from common.config import RunConfig
 from common.updates import EvaluateReply, Instruction, TrainReply
@@ -66,7 +65,7 @@ def _node_model(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> tuple[P
     use_causal_rank(model, settings)
     reset_adapter_inplace(model, settings)
     if ins.adapter is not None:
-        load_factors_inplace(model, fit_to_rank(ins, settings), settings)
+        load_global_inplace(model, ins, settings, node.name)
     data = character_data(cfg, node.partition_id)
     train = tokenize_lines(tokenizer, data.train, cfg.max_length)
     test = tokenize_lines(tokenizer, data.test, cfg.max_length)

@@ -120,12 +120,21 @@ def build_model(cfg: RunConfig, node: NodeSettings, ins: Instruction | None) -> 
     settings = lora_settings(cfg, node.rank, base)
     model = attach_lora(base, settings)
     if ins is not None and ins.adapter is not None:
-        # The same checks the coordinator runs on replies (keys, shapes at the sent rank, dtype, finite values).
-        reason = check_instruction(ins, ins.rank, Layout.from_adapter(get_adapter(model)))
-        if reason is not None:
-            raise ValueError(f"node {node.name} refuses the global factors of round {ins.server_round}: {reason}")
-        load_adapter_inplace(model, fit_to_rank(ins, settings), settings)
+        load_global_inplace(model, ins, settings, node.name)
     return model, settings
+
+
+def load_global_inplace(model: PeftModel, ins: Instruction, settings: LoRASettings, node_name: str) -> None:
+    """Check the global factors of ``ins`` against this model, then load them at this node's rank.
+
+    The same checks the coordinator runs on replies (keys, shapes at the sent rank, dtype, finite values); a node
+    refuses damaged factors with the reason instead of loading them.
+    """
+    assert ins.adapter is not None
+    reason = check_instruction(ins, ins.rank, Layout.from_adapter(get_adapter(model)))
+    if reason is not None:
+        raise ValueError(f"node {node_name} refuses the global factors of round {ins.server_round}: {reason}")
+    load_adapter_inplace(model, fit_to_rank(ins, settings), settings)
 
 
 def fit_to_rank(ins: Instruction, settings: LoRASettings) -> AdapterFactors:
