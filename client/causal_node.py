@@ -77,7 +77,9 @@ def train_causal_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> T
     model, train_batch, _, num_examples = _node_model(cfg, node, ins)
     if ins.freeze_lora_A:
         freeze_lora_A_inplace(model)
-    settings = TrainSettings.from_config(cfg, cfg.local_steps, round_seed(cfg.seed, ins.server_round, node))
+    settings = TrainSettings.from_config(
+        cfg, cfg.local_steps, round_seed(cfg.seed, ins.server_round, node), ins.server_round
+    )
     result = train_causal(model, train_batch, settings, pick_device())
     metrics = {
         "train-loss": result.mean_loss,

@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import NodePrivacyState, attach_dp_sgd, dp_sample_rate, noise_only_step
-from client.train import Batch, TrainResult, TrainSettings, lr_lambda, make_optimizer
+from client.train import Batch, TrainResult, TrainSettings, make_optimizer
 from common.accounting import noise_multiplier_for
 from common.dp import make_generator
 
@@ -107,7 +107,7 @@ def train_private(
             raise PrivacyBudgetExhausted(f"node declines to train: {reason}")
     model.to(device).train()
     optimizer = make_optimizer(model, settings)  # as client.train.train
-    scheduler = LambdaLR(optimizer, lambda s: lr_lambda(s, settings.steps, settings.warmup_ratio, settings.schedule))
+    scheduler = LambdaLR(optimizer, settings.lr_factor)
     generator = make_generator(dp.seed, device=device) if dp.seed is not None else None
     private_model, private_optimizer, private_loader = attach_dp_sgd(
         model, optimizer, loader, noise_multiplier=z, max_grad_norm=dp.max_grad_norm, generator=generator

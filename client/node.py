@@ -189,7 +189,9 @@ def train_node(cfg: RunConfig, node: NodeSettings, ins: Instruction) -> TrainRep
     if ins.freeze_lora_A:
         freeze_lora_A_inplace(model)
     train_batch, _, num_examples = _tokenized(cfg, node, str(resolve_model(node.model)))
-    train_settings = TrainSettings.from_config(cfg, cfg.local_steps, round_seed(cfg.seed, ins.server_round, node))
+    train_settings = TrainSettings.from_config(
+        cfg, cfg.local_steps, round_seed(cfg.seed, ins.server_round, node), ins.server_round
+    )
     privacy: dict[str, float] = {}
     if cfg.dp == "local":
         dp = local_dp_settings(cfg, node, ins.server_round)

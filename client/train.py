@@ -28,11 +28,38 @@ class TrainSettings:
     head_lr_ratio: float = 1.0
     """Learning rate of the trainable parameters that are not LoRA factors (the new classification head), relative
     to ``learning_rate``."""
+    schedule_offset: int = 0
+    """Steps of the schedule taken before these ones (earlier rounds, when the schedule spans the run)."""
+    schedule_total: int = 0
+    """Length of the whole schedule; 0 means ``steps`` (warm-up and decay within these steps)."""
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, steps: int, seed: int = 0) -> TrainSettings:
-        """``steps`` steps with the run config's batch size, learning rates and schedule."""
-        return cls(steps, cfg.batch_size, cfg.learning_rate, cfg.warmup_ratio, cfg.schedule, seed, cfg.head_lr_ratio)
+    def from_config(cls, cfg: RunConfig, steps: int, seed: int = 0, server_round: int = 0) -> TrainSettings:
+        """``steps`` steps with the run config's batch size, learning rates and schedule.
+
+        With ``server_round`` ≥ 1 and ``schedule-span = "run"``, these steps are round ``server_round``'s share of
+        one schedule over ``num-rounds`` rounds of ``steps`` (a round past ``num-rounds``, after a resume with more
+        rounds, stretches the schedule to end there).
+        """
+        offset, total = 0, 0
+        if server_round >= 1 and cfg.schedule_span == "run":
+            offset, total = (server_round - 1) * steps, max(cfg.num_rounds, server_round) * steps
+        return cls(
+            steps,
+            cfg.batch_size,
+            cfg.learning_rate,
+            cfg.warmup_ratio,
+            cfg.schedule,
+            seed,
+            cfg.head_lr_ratio,
+            offset,
+            total,
+        )
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rates at local step ``step`` (0-based)."""
+        total = self.schedule_total or self.steps
+        return lr_lambda(self.schedule_offset + step, total, self.warmup_ratio, self.schedule)
 
 
 @dataclass(frozen=True)
@@ -111,9 +138,7 @@ def train(
     ``bf16_on_cuda``, the forward pass runs under bf16 autocast when ``device`` is a CUDA device.
     """
     optimizer = make_optimizer(model, settings)
-    scheduler = LambdaLR(
-        optimizer, lambda step: lr_lambda(step, settings.steps, settings.warmup_ratio, settings.schedule)
-    )
+    scheduler = LambdaLR(optimizer, settings.lr_factor)
     generator = torch.Generator().manual_seed(settings.seed)
     stream = batches(data, settings.batch_size, generator)
     model.to(device).train()

@@ -16,6 +16,7 @@ from common.rule_names import LINEAR_RULES, RULE_NAMES
 
 PARTITIONERS = ("dirichlet", "iid", "pathological")
 SCHEDULES = ("cosine", "linear")
+SCHEDULE_SPANS = ("run", "round")
 DP_MODES = ("off", "local", "central")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -75,6 +76,10 @@ class RunConfig:
     """Fraction of a node's steps spent in linear warm-up."""
     schedule: str = "cosine"
     """Learning-rate decay after warm-up: ``cosine`` or ``linear``."""
+    schedule_span: str = "run"
+    """What one warm-up-and-decay schedule spans on a node: ``run`` (all rounds; round t takes the schedule's steps
+    (t-1)·local-steps … t·local-steps - 1, so warm-up happens once and the rate decays to 0 in the last round) or
+    ``round`` (a full warm-up and decay in every round)."""
     max_length: int = 64
     """Tokens per example (truncation)."""
     train_examples: int = 0
@@ -153,6 +158,8 @@ class RunConfig:
             raise ValueError(f"unknown aggregation rule {self.rule!r}; choose one of {sorted(RULE_NAMES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule_span not in SCHEDULE_SPANS:
+            raise ValueError(f"schedule-span must be one of {SCHEDULE_SPANS}, got {self.schedule_span!r}")
         if self.partitioner not in PARTITIONERS:
             raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")
         if self.dp not in DP_MODES:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.train import TrainSettings, make_optimizer, train
+from client.train import TrainSettings, lr_lambda, make_optimizer, train
+from common.config import RunConfig
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -55,3 +56,35 @@ def test_a_larger_head_ratio_moves_only_the_head_further_in_the_first_step() -> 
     assert head and all(moved[10.0][n] == pytest.approx(10 * moved[1.0][n], rel=1e-3) for n in head)
     lora_B = [n for n in moved[1.0] if "lora_B" in n]
     assert lora_B and all(moved[10.0][n] == pytest.approx(moved[1.0][n], rel=1e-3) for n in lora_B)
+
+
+def run_config(**keys: object) -> RunConfig:
+    return RunConfig.from_mapping({"num-rounds": 4, "local-steps": 10, "warmup-ratio": 0.1, **keys})
+
+
+def test_a_run_long_schedule_is_one_warm_up_and_decay_cut_into_rounds() -> None:
+    cfg = run_config(**{"schedule-span": "run"})
+    per_round = [TrainSettings.from_config(cfg, 10, server_round=r) for r in range(1, 5)]
+    factors = [s.lr_factor(step) for s in per_round for step in range(10)]
+
+    assert factors == [lr_lambda(step, 40, 0.1, "cosine") for step in range(40)]
+    warming = [i for i in range(39) if factors[i + 1] > factors[i]]
+    assert warming == [0, 1, 2]  # warm-up once, over the first 4 of 40 steps
+    assert factors[-1] < 0.01 and min(factors[:30]) > 0.2  # decays to ~0 only in the last round
+
+
+def test_a_round_long_schedule_warms_up_and_decays_every_round() -> None:
+    cfg = run_config(**{"schedule-span": "round"})
+    for r in (1, 3):
+        settings = TrainSettings.from_config(cfg, 10, server_round=r)
+        assert [settings.lr_factor(s) for s in range(10)] == [lr_lambda(s, 10, 0.1, "cosine") for s in range(10)]
+
+
+def test_a_round_past_num_rounds_stretches_the_schedule_instead_of_training_at_rate_0() -> None:
+    settings = TrainSettings.from_config(run_config(**{"schedule-span": "run"}), 10, server_round=6)
+    assert settings.schedule_total == 60 and settings.lr_factor(0) > 0.0
+
+
+def test_an_unknown_schedule_span_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="schedule-span must be one of"):
+        run_config(**{"schedule-span": "epoch"})
