@@ -116,6 +116,7 @@ def scale_line(scale: str, overlay: dict[str, Any]) -> str:
         "batch-size",
         "learning-rate",
         "head-lr-ratio",
+        "schedule-span",
         "max-length",
     )
     keys += ("train-examples", "eval-examples")
