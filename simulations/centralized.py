@@ -9,6 +9,7 @@ process with one learning-rate schedule. It writes the same outputs as a federat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -63,7 +64,9 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
         )
 
     record(0, None)
-    schedule = TrainSettings.from_config(cfg, steps, cfg.seed)
+    schedule = dataclasses.replace(
+        TrainSettings.from_config(cfg, steps, cfg.seed), learning_rate=cfg.baseline_learning_rate
+    )
     train(model, train_batch, schedule, device, every=per_round, callback=record)
     save_peft_adapter(out_dir / "adapter", get_adapter(model), settings.rank, cfg, cfg.model)
     plot_metrics(rows, out_dir / "metrics.png", f"centralized LoRA r={settings.rank}")

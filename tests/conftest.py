@@ -19,6 +19,7 @@ TINY_SETTINGS: dict[str, Any] = {
     "node-ranks": "2,4,8",
     "local-steps": 15,
     "learning-rate": 0.02,
+    "baseline-learning-rate": 0.02,
     "head-lr-ratio": 1.0,
     "max-length": 16,
     "num-rounds": 2,
