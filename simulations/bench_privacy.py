@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=0.02)
     parser.add_argument("--max-length", type=int, default=16)
     parser.add_argument("--head-lr-ratio", type=float, default=1.0, help="head learning rate / learning-rate")
+    parser.add_argument(
+        "--schedule-span", default="round", help="run or round (docs/privacy.md was measured with round)"
+    )
     parser.add_argument("--clip-norm", type=float, default=0.5, help="central DP: bound C on each client's change")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="local DP: per-example gradient bound")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-privacy"), help="where the runs go")
@@ -76,6 +79,7 @@ def run_settings(args: argparse.Namespace, mode: str, rule: str, epsilon: float)
         "local-steps": args.local_steps,
         "learning-rate": args.learning_rate,
         "head-lr-ratio": args.head_lr_ratio,
+        "schedule-span": args.schedule_span,
         "max-length": args.max_length,
         "dp": "off" if math.isinf(epsilon) else mode,
     }
