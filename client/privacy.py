@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from common.accounting import PrivacyLedger, check_delta, check_entry  # first: it imports Opacus quietly
+from common.accounting import PrivacyLedger, check_delta, check_entry, opacus_accountants
 from common.dp import make_generator
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def attach_dp_sgd(
     for which the same ε is only a heuristic. Poisson batches can be empty: HF models fail on a zero-length batch,
     so call :func:`noise_only_step` for those instead of a forward pass.
     """
+    opacus_accountants()  # imports Opacus with the root logger kept as it was
     from opacus import GradSampleModule
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer

@@ -18,10 +18,12 @@ As in Opacus (``accountants/analysis/rdp.py`` vs ``accountants/rdp.py``), the ma
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -41,10 +43,26 @@ def _root_logging_kept() -> Iterator[None]:
         root.setLevel(level)
 
 
-with _root_logging_kept():
-    from opacus.accountants import PRVAccountant, RDPAccountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.utils import get_noise_multiplier
+@functools.cache
+def opacus_accountants() -> SimpleNamespace:
+    """Import Opacus (quietly) and return its accountants, on first use only.
+
+    Opacus adds about a second to a process's start, and a deployed node starts a fresh process for every message, so
+    nothing imports it until a private run needs it. Call this before any other ``import opacus``: it keeps the root
+    logger as it was.
+    """
+    with _root_logging_kept():
+        import opacus  # noqa: F401  (its import is what configures logging)
+        from opacus.accountants import PRVAccountant, RDPAccountant
+        from opacus.accountants.analysis import rdp as rdp_analysis
+        from opacus.accountants.utils import get_noise_multiplier
+    return SimpleNamespace(
+        PRVAccountant=PRVAccountant,
+        RDPAccountant=RDPAccountant,
+        rdp_analysis=rdp_analysis,
+        get_noise_multiplier=get_noise_multiplier,
+    )
+
 
 HistoryEntry: TypeAlias = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, num_steps)``."""
@@ -74,17 +92,18 @@ def check_delta(delta: float) -> float:
 
 def rdp_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
     """ε(δ) of a history by RDP composition over Opacus's default orders (as ``RDPAccountant.get_epsilon``)."""
-    orders = RDPAccountant.DEFAULT_ALPHAS
+    opacus = opacus_accountants()
+    orders = opacus.RDPAccountant.DEFAULT_ALPHAS
     rdp = np.zeros(len(orders))
     for z, q, steps in history:
-        rdp = rdp + rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=orders)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        rdp = rdp + opacus.rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=orders)
+    eps, _ = opacus.rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
 
 def prv_epsilon(history: Sequence[HistoryEntry], delta: float) -> float:
     """ε(δ) of a history by numerical composition of privacy random variables (Opacus's ``PRVAccountant``)."""
-    accountant = PRVAccountant()
+    accountant = opacus_accountants().PRVAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
 
@@ -130,7 +149,7 @@ def noise_multiplier_for(
     if n < 1:
         raise ValueError(f"steps must be >= 1 to calibrate noise, got steps={steps}")
     return float(
-        get_noise_multiplier(
+        opacus_accountants().get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=check_delta(delta),
             sample_rate=q,

@@ -108,3 +108,24 @@ def test_unknown_format_and_mechanism_are_refused() -> None:
         PrivacyLedger.from_dict({"history": []})
     with pytest.raises(ValueError, match="unknown accountant"):
         PrivacyLedger(mechanism="gdp-ish")
+
+
+def test_opacus_is_imported_on_first_use_and_leaves_the_root_logger_alone() -> None:
+    """A deployed node starts a process per message: the ClientApp must not pay for Opacus unless DP is on, and
+    Opacus's ``logging.basicConfig`` must not add a root handler (every Flower line would print twice)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "import client.client_app, server.server_app\n"
+        "assert 'opacus' not in sys.modules, 'importing the apps imported opacus'\n"
+        "before = list(logging.getLogger().handlers)\n"
+        "from common.accounting import compose_epsilon\n"
+        "from client.privacy import attach_dp_sgd\n"
+        "assert compose_epsilon([(1.0, 0.1, 10)], 1e-5) > 0\n"
+        "assert 'opacus' in sys.modules\n"
+        "assert logging.getLogger().handlers == before, logging.getLogger().handlers\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
