@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,37 @@ CLI_TIMEOUT_S = 120.0
 
 class FlwrCliError(RuntimeError):
     """A ``flwr`` command failed; the message holds its output."""
+
+
+@contextmanager
+def staged_app(app_dir: Path) -> Iterator[Path]:
+    """A throw-away copy of ``app_dir`` without the folders its ``.gitignore`` excludes (and ``.git``).
+
+    ``flwr run APP_DIR`` walks every file under the folder, resolving each path, before it applies ``.gitignore``: a
+    ``.venv`` inside the project (some 57,000 files) made each submission 10-15 s slower. Ignored folders are skipped
+    here while walking; Flower then applies its own rules to the copy, so the app package (FAB) holds the same files.
+    """
+    import pathspec
+
+    app_dir = Path(app_dir)
+    if not (app_dir / "pyproject.toml").is_file():
+        raise FlwrCliError(f"{app_dir} is not a Flower app folder: it has no pyproject.toml")
+    gitignore = app_dir / ".gitignore"
+    lines = gitignore.read_text(encoding="utf-8", errors="replace").splitlines() if gitignore.is_file() else []
+    ignored = pathspec.GitIgnoreSpec.from_lines(lines)
+    with tempfile.TemporaryDirectory(prefix="fedlora-app-") as tmp:
+        staged = Path(tmp) / app_dir.resolve().name
+        for dirpath, dirnames, filenames in os.walk(app_dir, followlinks=False):
+            here = Path(dirpath)
+            rel = here.relative_to(app_dir)
+            dirnames[:] = [d for d in dirnames if d != ".git" and not ignored.match_file(f"{(rel / d).as_posix()}/")]
+            for name in filenames:
+                source = here / name
+                if source.is_symlink() or ignored.match_file((rel / name).as_posix()):
+                    continue
+                (staged / rel).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, staged / rel / name)
+        yield staged
 
 
 def toml_string(value: str) -> str:
@@ -129,10 +163,11 @@ class FlwrCli:
 
     def submit(self, app_dir: Path, run_config: str | None = None, timeout: float = CLI_TIMEOUT_S) -> int:
         """Submit ``flwr run APP_DIR`` (``run_config``: ``'k1=v1 k2="s"'``); return the run id without waiting."""
-        args = ["run", str(app_dir), self.connection]
-        if run_config:
-            args += ["--run-config", run_config]
-        result = self.json(*args, timeout=timeout)
+        with staged_app(app_dir) as staged:
+            args = ["run", str(staged), self.connection]
+            if run_config:
+                args += ["--run-config", run_config]
+            result = self.json(*args, timeout=timeout)
         if result.get("run-id") is None:
             raise FlwrCliError(f"flwr run {app_dir} was not accepted: {result}")
         return int(result["run-id"])

@@ -29,6 +29,8 @@ from typing import Any
 import psutil
 import tomli_w
 
+from server.flwr_cli import staged_app
+
 CONNECTION = "fedlora-sim"
 LAUNCH_ID = "FEDLORA_LAUNCH_ID"
 """Environment variable that marks every process of one launch (Flower and Ray pass the environment down)."""
@@ -211,11 +213,12 @@ def run_simulation(
             config_file = flwr_home / "run-config.toml"
             config_file.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
             federation = f"num_supernodes={num_nodes} client_resources_num_cpus={cpus_per_node}"
-            command = [
-                _bin("flwr"), "run", str(PROJECT_DIR), CONNECTION, "--stream",
-                "--run-config", str(config_file), "--federation-config", federation,
-            ]  # fmt: skip
-            _stream(command, flwr_home, log_dir / "flwr.log", on_line, deadline_s)
+            with staged_app(PROJECT_DIR) as app_dir:
+                command = [
+                    _bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+                    "--run-config", str(config_file), "--federation-config", federation,
+                ]  # fmt: skip
+                _stream(command, flwr_home, log_dir / "flwr.log", on_line, deadline_s)
             return RunOutcome(*_last_run_status(flwr_home), seconds=time.monotonic() - started)
     finally:
         survivors = stop_launch(flwr_home.name)
