@@ -30,9 +30,10 @@ lint: setup
 	$(BIN)/mypy
 
 # Two workers (more where there are more cores): the end-to-end tests spend much of their time starting processes.
-# --dist loadfile keeps each test module on one worker, so a module's shared simulation or deployment runs once.
+# --dist loadfile keeps each test module on one worker, so a module's shared simulation or deployment runs once;
+# --no-loadscope-reorder keeps the longest-first module order of tests/conftest.py.
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: setup
 	$(BIN)/python -m simulations.bench_aggregation
