@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pathspec
+
 CONNECTION = "fedlora"
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -50,8 +52,6 @@ def staged_app(app_dir: Path) -> Iterator[Path]:
     ``.venv`` inside the project (some 57,000 files) made each submission 10-15 s slower. Ignored folders are skipped
     here while walking; Flower then applies its own rules to the copy, so the app package (FAB) holds the same files.
     """
-    import pathspec
-
     app_dir = Path(app_dir)
     if not (app_dir / "pyproject.toml").is_file():
         raise FlwrCliError(f"{app_dir} is not a Flower app folder: it has no pyproject.toml")
