@@ -47,11 +47,14 @@ class GlobalAdapter:
     head: dict[str, np.ndarray] = field(default_factory=dict)
     central_dp: CentralDP | None = None
     """Client-level DP (clip, noise, account) when the run has ``dp = "central"``."""
+    keep_residual: bool = False
+    """``svd``: add back to each node's term what serving it at its rank cut from the global (``keep-residual``)."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GlobalAdapter:
         """The global adapter a run needs: ``rule``, ``max-rank`` and, under ``dp = "central"``, its DP state."""
-        return cls(cfg.rule, cfg.max_rank, central_dp=CentralDP.from_config(cfg) if cfg.dp == "central" else None)
+        central_dp = CentralDP.from_config(cfg) if cfg.dp == "central" else None
+        return cls(cfg.rule, cfg.max_rank, central_dp=central_dp, keep_residual=cfg.keep_residual)
 
     @property
     def empty(self) -> bool:
@@ -88,9 +91,13 @@ class GlobalAdapter:
         weights = [float(r.num_examples) for r in replies]
         started = time.perf_counter()
         lora = {}
+        served = self._served(replies) if self.keep_residual and not self.empty else None
         for module in sorted(replies[0].adapter.lora):
             clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
-            ((a, b),) = rule(clients, weights, [(self.store_rank, 1.0)])
+            if served is not None:
+                a, b = self._aggregate_keeping_residual(module, replies, weights, served)
+            else:
+                ((a, b),) = rule(clients, weights, [(self.store_rank, 1.0)])
             lora[module] = (_f32(a), _f32(b))
         head = {
             key: np.average(np.stack([r.adapter.head[key] for r in replies]), axis=0, weights=weights).astype(
@@ -102,6 +109,45 @@ class GlobalAdapter:
         diagnostics = self._diagnostics(replies, weights, diagnose_ranks)
         self.lora, self.head = lora, head
         return RoundAggregate(seconds, diagnostics)
+
+    def _served(self, replies: Sequence[TrainReply]) -> dict[tuple[int, float], AdapterFactors]:
+        """What each replying node was served this round, by (rank, scaling), re-served from the global."""
+        served = {}
+        for reply in replies:
+            key = (reply.node.rank, reply.node.scaling)
+            if key not in served:
+                sent = self.serve(*key)
+                assert sent is not None, "only called once the global adapter holds an aggregate"
+                served[key] = sent
+        return served
+
+    def _aggregate_keeping_residual(
+        self,
+        module: str,
+        replies: Sequence[TrainReply],
+        weights: Sequence[float],
+        served: dict[tuple[int, float], AdapterFactors],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FlexLoRA's average with each node's term completed by what its rank could not hold.
+
+        Plain ``svd`` (Bai et al. 2024, arXiv 2402.11505) averages the products, ΔW̄ = Σ p_i s_i B_i A_i. A node at
+        rank r_i was served T_i = the rank-r_i truncation of the global G, so even a node that changed nothing sends
+        back T_i, and every round the directions of G beyond the low ranks lose the low-rank nodes' share of the
+        weight. Here each term is completed by the residual the coordinator withheld when serving it:
+        ΔW̄ = Σ p_i (s_i B_i A_i + G − T_i) = G + Σ p_i (s_i B_i A_i − T_i), which equals plain ``svd`` when every
+        node holds G at its rank. The result is truncated at ``store_rank`` by the same factored SVD, from factors
+        only (T_i is re-served from G: the coordinator keeps no copy of what it sent).
+        """
+        total = float(sum(weights))
+        a_g, b_g = self.lora[module]
+        terms: list[tuple[Any, Any, float]] = [(a_g, b_g, 1.0)]
+        term_weights = [1.0]
+        for reply, weight in zip(replies, weights, strict=True):
+            a_s, b_s = served[(reply.node.rank, reply.node.scaling)].lora[module]
+            terms += [(*reply.adapter.lora[module], reply.node.scaling), (a_s, -b_s, reply.node.scaling)]
+            term_weights += [weight / total, weight / total]
+        ((a, b),) = get_rule("svd")(terms, term_weights, [(self.store_rank, 1.0)])
+        return a, b * sum(term_weights)  # the rule normalises the weights to sum to 1 (here they sum to 3)
 
     def _aggregate_private(
         self,
