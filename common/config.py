@@ -49,9 +49,11 @@ class RunConfig:
     """Federated rounds after round 0 (round 0 only evaluates the untrained model)."""
     rule: str = "svd"
     """Aggregation rule: ``svd`` (FlexLoRA), ``fedavg`` (zero-padded FedAvg of factors) or ``ffa`` (FFA-LoRA)."""
-    keep_residual: bool = False
-    """``svd`` only: give back to each node's term what serving it at its rank cut from the global update, so
-    directions beyond the low ranks are not averaged away (see ``server.global_adapter.GlobalAdapter.aggregate``)."""
+    keep_residual: bool = True
+    """``svd``: give back to each node's term what serving it at its rank cut from the global update, so directions
+    beyond the low ranks are not averaged away (``server.global_adapter.GlobalAdapter._aggregate_keeping_residual``).
+    ``false`` is FlexLoRA's plain average of products. The other rules, and central DP (which already averages each
+    node's change from what it was served), aggregate as before."""
     model: str = "minilm-l6"
     """Model preset name (``minilm-l6``, ``tiny``) or a local Hugging Face folder."""
     task: str = "newsgroups"
@@ -176,8 +178,6 @@ class RunConfig:
                 f"secure aggregation cannot be combined with rule {self.rule!r}: it only reveals the sum of the "
                 f"updates, while {self.rule!r} needs each client's factors; use one of {sorted(LINEAR_RULES)}"
             )
-        if self.keep_residual and self.rule != "svd":
-            raise ValueError(f"keep-residual only applies to rule 'svd', not {self.rule!r}")
         self._check_privacy()
         for name in ("local_steps", "batch_size", "max_length", "eval_examples", "max_rank", "min_nodes"):
             if getattr(self, name) < 1:
@@ -197,11 +197,6 @@ class RunConfig:
 
     def _check_privacy(self) -> None:
         """DP and SecAgg+ keys: ranges, and the combinations that cannot work."""
-        if self.dp == "central" and self.keep_residual:
-            raise ValueError(
-                "dp='central' cannot be combined with keep-residual: central DP already aggregates each node's "
-                "clipped change from what it was served"
-            )
         if self.dp == "central" and self.secure_aggregation:
             raise ValueError(
                 "dp='central' cannot be combined with secure aggregation: central DP clips each client's update on "

@@ -94,7 +94,7 @@ class GlobalAdapter:
         served = self._served(replies) if self.keep_residual and not self.empty else None
         for module in sorted(replies[0].adapter.lora):
             clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
-            if served is not None:
+            if served is not None and self.rule == "svd":
                 a, b = self._aggregate_keeping_residual(module, replies, weights, served)
             else:
                 ((a, b),) = rule(clients, weights, [(self.store_rank, 1.0)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from common.config import RunConfig
 from common.updates import AdapterFactors, NodeInfo, TrainReply
@@ -92,10 +91,12 @@ def test_it_is_the_global_plus_the_weighted_changes_from_what_was_served() -> No
         np.testing.assert_allclose(products(kept)[module], expected, atol=1e-4)
 
 
-def test_the_config_refuses_it_where_it_does_not_apply() -> None:
-    assert RunConfig.from_mapping({"keep-residual": True}).keep_residual
-    with pytest.raises(ValueError, match="keep-residual only applies to rule 'svd', not 'fedavg'"):
-        RunConfig.from_mapping({"keep-residual": True, "rule": "fedavg"})
-    with pytest.raises(ValueError, match="dp='central' cannot be combined with keep-residual"):
-        RunConfig.from_mapping({"keep-residual": True, "dp": "central", "noise-multiplier": 1.0})
-    assert GlobalAdapter.from_config(RunConfig.from_mapping({"keep-residual": True})).keep_residual
+def test_it_is_the_default_and_fedavg_aggregates_as_before() -> None:
+    assert GlobalAdapter.from_config(RunConfig()).keep_residual
+    assert not GlobalAdapter.from_config(RunConfig.from_mapping({"keep-residual": False})).keep_residual
+    on, off = GlobalAdapter("fedavg", STORE_RANK, keep_residual=True), GlobalAdapter("fedavg", STORE_RANK)
+    for adapter in (on, off):
+        adapter.aggregate([reply(8, seed=0)], [8])
+        adapter.aggregate([reply(2, seed=1, start=adapter), reply(8, seed=2, start=adapter)], [2, 8])
+    for module, expected in products(off).items():
+        np.testing.assert_allclose(products(on)[module], expected, atol=1e-6)
