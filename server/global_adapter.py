@@ -91,10 +91,11 @@ class GlobalAdapter:
         weights = [float(r.num_examples) for r in replies]
         started = time.perf_counter()
         lora = {}
-        served = self._served(replies) if self.keep_residual and not self.empty else None
+        keeps_residual = self.keep_residual and self.rule == "svd" and not self.empty
+        served = self._served(replies) if keeps_residual else None
         for module in sorted(replies[0].adapter.lora):
             clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
-            if served is not None and self.rule == "svd":
+            if served is not None:
                 a, b = self._aggregate_keeping_residual(module, replies, weights, served)
             else:
                 ((a, b),) = rule(clients, weights, [(self.store_rank, 1.0)])
