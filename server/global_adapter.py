@@ -94,10 +94,10 @@ class GlobalAdapter:
         keeps_residual = self.keep_residual and self.rule == "svd" and not self.empty
         served = self._served(replies) if keeps_residual else None
         for module in sorted(replies[0].adapter.lora):
-            clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
             if served is not None:
                 a, b = self._aggregate_keeping_residual(module, replies, weights, served)
             else:
+                clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
                 ((a, b),) = rule(clients, weights, [(self.store_rank, 1.0)])
             lora[module] = (_f32(a), _f32(b))
         head = {
