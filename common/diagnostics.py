@@ -3,20 +3,20 @@
 - ``energy_kept``: for each target rank r, the fraction of ‖ΔW̄‖²_F that the best rank-r approximation keeps,
   Σ_{k≤r} σ_k² / Σ_k σ_k² (Eckart–Young). Energy piling into the smallest shared ranks round after round is the
   "rank collapse" of raFLoRA (arXiv 2602.13486).
-- ``fedavg_error``: the relative error of averaging A and B separately, ‖ΔW̄ − sB̄·Ā‖_F / ‖ΔW̄‖_F, from the stacked
-  factors [B_cat | −sB̄] and [A_cat; Ā] in float64. The norm of a product X·Y is taken as ‖R_X R_Yᵀ‖_F from the QR
-  factors of X and Yᵀ, not from the Gram form tr((XᵀX)(YYᵀ)): that sum cancels when the error is small, which left a
-  floor near √eps (in float32 a true error of 3e-5 read as 2.4e-4).
+- ``product_norm``: ‖X·Y‖_F as ‖R_X R_Yᵀ‖_F from the QR factors of X and Yᵀ, not from the Gram form
+  tr((XᵀX)(YYᵀ)): that sum cancels when the product is small against its factors, which left a floor near √eps
+  (in float32 a true fedavg error of 3e-5 read as 2.4e-4). Rules add their own diagnostics
+  (:meth:`common.rules.base.Rule.diagnostics`, e.g. fedavg's aggregation error).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from common.aggregation import aggregate_svd, check_clients, fedavg_zero_pad, stack_factors
-from common.lora import ClientFactors, Tensor
+from common.lora import ArrayLike, ClientFactors, Tensor
+from common.rules.factored_svd import aggregate_svd
 
 
 def energy_kept(clients: Sequence[ClientFactors], weights: Sequence[float], ranks: Sequence[int]) -> list[float]:
@@ -39,16 +39,14 @@ def product_norm(b: Tensor, a: Tensor) -> float:
     return float(torch.linalg.matrix_norm(r_b @ r_a.T))
 
 
-def fedavg_error(clients: Sequence[ClientFactors], weights: Sequence[float]) -> float:
-    """‖ΔW̄ − sB̄·Ā‖_F / ‖ΔW̄‖_F for the zero-padded FedAvg of factors (0.0 when ΔW̄ = 0)."""
-    factors, _ = check_clients(clients, weights)
-    wide = [(f.lora_A.double(), f.lora_B.double(), f.scaling) for f in factors]
-    factors, p = check_clients(wide, weights)  # p in float64 too, as fedavg_zero_pad computes it below
-    r_max = max(f.r for f in factors)
-    ((a_mean, sb_mean),) = fedavg_zero_pad(wide, weights, [(r_max, 1.0)])
-    b_cat, a_cat = stack_factors(factors, p)  # (out, R), (R, in)
-    reference = product_norm(b_cat, a_cat)
-    if reference == 0.0:
-        return 0.0
-    difference = product_norm(torch.cat([b_cat, -sb_mean], dim=1), torch.cat([a_cat, a_mean]))
-    return difference / reference
+def global_energy_kept(
+    lora: Mapping[str, tuple[ArrayLike, ArrayLike]], ranks: Sequence[int]
+) -> dict[str, dict[str, float]]:
+    """Per module of a global adapter (factors at scaling 1): ``energy_kept_r<r>`` for every rank in ``ranks``.
+
+    What can be reported about a round without any client's update (central DP, secure aggregation).
+    """
+    return {
+        module: {f"energy_kept_r{r}": k for r, k in zip(ranks, energy_kept([(a, b, 1.0)], [1.0], ranks), strict=True)}
+        for module, (a, b) in lora.items()
+    }

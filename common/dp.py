@@ -13,7 +13,8 @@ clients at rate q amplifies it (Mironov, Talwar, Zhang 2019, "Rényi Differentia
 Mechanism", arXiv 1908.10530); :mod:`common.accounting` composes the rounds. Sample-level DP-SGD on the nodes
 (Abadi et al. 2016, "Deep Learning with Differential Privacy", arXiv 1607.00133) lives in ``client/privacy.py``.
 
-The aggregation rules themselves (with noise) are in :mod:`common.dp_aggregation`.
+Each rule's DP aggregate is its :meth:`common.rules.base.Rule.private_update`, wrapped by
+:class:`common.rules.central_dp.CentralDP`.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ClippedUpdate(NamedTuple):
     """‖Δ‖ before clipping: √(Σ ‖s·B·A‖²_F + Σ ‖dense‖²)."""
 
 
-def update_norm(factors: Mapping[str, LoRAFactors], dense: Mapping[str, Tensor] | None = None) -> float:
+def whole_update_norm(factors: Mapping[str, LoRAFactors], dense: Mapping[str, Tensor] | None = None) -> float:
     """L2 norm of a whole client update: √(Σ_modules ‖s·B·A‖²_F + Σ_tensors ‖t‖²)."""
     total = sum(factors_norm(f) ** 2 for f in factors.values())
     total += sum(tensor_norm(t) ** 2 for t in (dense or {}).values())
@@ -104,7 +105,7 @@ def clip_update(
     an effective noise multiplier of only z/√M. Non-LoRA tensors that are averaged (the classifier head, peft's
     ``modules_to_save``) are part of the update and go in ``dense``.
     """
-    norm = update_norm(factors, dense)
+    norm = whole_update_norm(factors, dense)
     factor = clip_scale(norm, max_norm)
     if factor == 1.0:
         return ClippedUpdate(dict(factors), dict(dense or {}), norm)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -131,3 +132,15 @@ def weighted_sum_norm_sq(parts: Sequence[LoRAFactors], weights: Sequence[float])
             term = w_x * weights[j] * frobenius_inner(x, parts[j]).to(torch.float64)
             total = total + (term if i == j else 2.0 * term)
     return total.clamp_min(0.0)
+
+
+def seeded_lora_a(seed: int, module: str, rank: int, in_features: int, max_rank: int) -> np.ndarray:
+    """The lora_A init every node shares: rows ``:rank`` of one seeded (max_rank × in) draw, so ranks share a prefix.
+
+    Kaiming-uniform with a = √5 (peft's default for lora_A): bound = 1/√in. The generator is seeded by
+    (seed, module name) so the draw does not depend on the order modules are visited. It is public: anyone with the
+    run's seed can redraw it, which FFA-LoRA's frozen lora_A and central DP's starting point rely on.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(module.encode())])
+    bound = 1.0 / math.sqrt(in_features)
+    return rng.uniform(-bound, bound, size=(max_rank, in_features)).astype(np.float32)[:rank]

@@ -11,8 +11,10 @@ r_i ≤ R (R: the largest rank in the round, said by the coordinator) zero-pads,
 - ``ffa`` (FFA-LoRA, arXiv 2403.12313): pad(s_i·B_i), pad(A_i) and the row indicator 1[k < r_i] (R,). A is the
   shared frozen init, so mean(pad(A_i))[k] = A[k]·mean(1[k < r_i]): dividing by the indicator's mean gives A back.
 
-plus every head tensor as it is. ``svd`` needs each client's factors, not a sum, and is refused with secure
-aggregation at config time. The order of the summands is the sorted ``keys``, which travel in clear.
+plus every head tensor as it is. Which parts a rule needs, and how it reads its means back, the rule says
+(:attr:`common.rules.base.Rule.secure_parts`, :meth:`common.rules.base.Rule.from_secure_means`); ``svd`` needs each
+client's factors, not a sum, and is refused with secure aggregation at config time. The order of the summands is
+the sorted ``keys``, which travel in clear.
 """
 
 from __future__ import annotations
@@ -21,28 +23,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from common.rules.base import Rule
 from common.updates import AdapterFactors
 
 SEP = "|"
 """Separates a module path from the part (``s·B``, ``A``, ``rows``) in a summand key."""
-PARTS = {"fedavg": ("A", "s·B"), "ffa": ("A", "rows", "s·B")}
-"""The summands per module of each rule that secure aggregation can compute."""
-ROW_PRESENT = 1e-3
-"""A row of ffa's A is read back only when nodes holding it carry more than this share of the weight."""
 
 
-def check_rule(rule: str) -> tuple[str, ...]:
+def check_rule(rule: Rule) -> tuple[str, ...]:
     """The per-module parts of ``rule``, or a ValueError saying why it cannot be summed securely."""
-    if rule not in PARTS:
-        raise ValueError(
-            f"rule {rule!r} cannot be aggregated securely: secure aggregation reveals only a sum, and only "
-            f"{sorted(PARTS)} are sums of per-client terms"
-        )
-    return PARTS[rule]
+    if not rule.linear or not rule.secure_parts:
+        rule.from_secure_means({})  # raises, naming the rule
+    return rule.secure_parts
 
 
 def secure_summands(
-    adapter: AdapterFactors, scaling: float, pad_rank: int, rule: str
+    adapter: AdapterFactors, scaling: float, pad_rank: int, rule: Rule
 ) -> tuple[list[str], list[np.ndarray]]:
     """The node's vectors for the secure sum, zero-padded to ``pad_rank``, with their keys (sorted)."""
     parts = check_rule(rule)
@@ -66,7 +62,7 @@ def secure_summands(
 
 
 def means_from_sums(
-    keys: Sequence[str], means: Sequence[np.ndarray], rule: str
+    keys: Sequence[str], means: Sequence[np.ndarray], rule: Rule
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
     """Per module (Ā, s·B̄) at the padding rank, and the head means, from the weighted means of the summands."""
     parts = check_rule(rule)
@@ -78,12 +74,7 @@ def means_from_sums(
     for module in modules:
         missing = [p for p in parts if f"{module}{SEP}{p}" not in by_key]
         if missing:
-            raise ValueError(f"module {module!r} lacks summands {missing} of rule {rule!r}")
-        a_mean, sb_mean = by_key[f"{module}{SEP}A"], by_key[f"{module}{SEP}s·B"]
-        if rule == "ffa":
-            coverage = by_key[f"{module}{SEP}rows"]  # (R,): Σ_{i: r_i > k} p_i
-            present = coverage > ROW_PRESENT  # rows no surviving node has are 0 up to quantisation
-            a_mean = np.where(present[:, None], a_mean / np.where(present, coverage, 1.0)[:, None], 0.0)
-        lora[module] = (a_mean, sb_mean)
+            raise ValueError(f"module {module!r} lacks summands {missing} of rule {rule.name!r}")
+        lora[module] = rule.from_secure_means({p: by_key[f"{module}{SEP}{p}"] for p in parts})
     head = {k: v for k, v in by_key.items() if SEP not in k}
     return lora, head

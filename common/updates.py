@@ -9,8 +9,9 @@ adapter as a standard PEFT folder without a base model:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -120,3 +121,19 @@ class EvaluateReply:
     """Who sent it."""
     metrics: dict[str, float] = field(default_factory=dict)
     """``eval-loss``, ``eval-accuracy``."""
+
+
+class Reported(Protocol):
+    """A reply that reports metrics over a number of examples (train, evaluate, or SecAgg+ clear metadata)."""
+
+    @property
+    def num_examples(self) -> int: ...
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
+
+
+def weighted_metric(replies: Iterable[Reported], key: str) -> float | None:
+    """The example-weighted mean of metric ``key`` over the replies that report it (None when none do)."""
+    pairs = [(r.metrics[key], r.num_examples) for r in replies if key in r.metrics]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total > 0 else None

@@ -1,6 +1,6 @@
 """Validation of every update before it touches the aggregate, and of the global factors a node receives.
 
-Pure checks over :mod:`common.updates` types: no Flower, no I/O. The codec (:mod:`common.records`) has already
+Pure checks over :mod:`common.updates` types: no Flower, no I/O. The codec (:mod:`common.codec.records`) has already
 checked the structure of a record; this module checks what the values mean. A check returns ``None`` when the value
 is valid, or a *reason*: a stable machine-readable code, a colon, and a human message, e.g.::
 
@@ -157,7 +157,7 @@ def check_instruction(
     return _check_adapter(ins.adapter, own_rank, layout, max_bytes=None)
 
 
-def update_norm(reply: TrainReply) -> float:
+def lora_update_norm(reply: TrainReply) -> float:
     """Return ‖ΔW‖_F over all LoRA modules of a checked reply, ΔW = s·B·A in factored form (head excluded).
 
     Each module's norm is ``s·a·b·‖(B/b)(A/a)‖_F`` with a, b the largest magnitudes of A and B, so huge but finite

@@ -16,7 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.aggregation import fedavg_zero_pad, ffa, svd_reproject
+from common.rules.factored_svd import svd_reproject
+from common.rules.fedavg import fedavg_zero_pad
+from common.rules.ffa import ffa
 
 Array = np.ndarray
 PROPERTY = settings(max_examples=30, deadline=None)

@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.aggregation import svd_reproject
-from common.diagnostics import energy_kept, fedavg_error
+from common.diagnostics import energy_kept
+from common.rules.factored_svd import svd_reproject
+from common.rules.fedavg import fedavg_error
 
 Array = np.ndarray
 PROPERTY = settings(max_examples=30, deadline=None)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from common.aggregation import RULES
 from common.dp import (
     add_gaussian_noise,
     clip_factors,
@@ -19,10 +18,13 @@ from common.dp import (
     factors_norm,
     gaussian_noise_std,
     make_generator,
-    update_norm,
+    whole_update_norm,
 )
-from common.dp_aggregation import DP_RULES, dp_mean, dp_mean_svd
 from common.lora import LoRAFactors, frobenius_norm_sq
+from common.rules.base import GaussianMechanism
+from common.rules.central_dp import dp_mean
+from common.rules.registry import RULE_NAMES, get_rule
+from common.rules.svd import SVD
 
 SEED = 1234
 
@@ -112,7 +114,7 @@ def test_clip_update_is_joint_over_modules_and_dense_tensors() -> None:
 
     norms = [dense_norm(f) ** 2 for f in clipped.factors.values()] + [float(clipped.dense["head"].norm()) ** 2]
     assert math.sqrt(sum(norms)) == pytest.approx(1.0, rel=1e-5)
-    assert clipped.norm == pytest.approx(update_norm(modules, {"head": head}))
+    assert clipped.norm == pytest.approx(whole_update_norm(modules, {"head": head}))
     ratios = [dense_norm(clipped.factors[k]) / dense_norm(modules[k]) for k in modules]
     assert ratios == pytest.approx([1.0 / clipped.norm] * 3, rel=1e-5)
 
@@ -187,27 +189,34 @@ NOISE_OF = {
 """Where each rule's noise lands, for all-zero updates, scaling 1 and a full-rank target."""
 
 
-@pytest.mark.parametrize("rule", sorted(DP_RULES))
-def test_measured_noise_std_is_z_c_over_m(rule: str) -> None:
+def mechanism(z: float, c: float, m: int, seed: int | None = SEED) -> GaussianMechanism:
+    return GaussianMechanism(z, c, m, make_generator(seed))
+
+
+def zero_global(out: int, n_in: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A previous global of all zeros at ``rank`` (scaling 1), float64 as central DP holds it."""
+    return torch.zeros(rank, n_in, dtype=torch.float64), torch.zeros(out, rank, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+def test_measured_noise_std_is_z_c_over_m(name: str) -> None:
     z, c, m = 1.3, 0.7, 5
     zeros = [(torch.zeros(3, 30, dtype=torch.float64), torch.zeros(400, 3, dtype=torch.float64), 2.0)] * m
 
-    ((lora_A, lora_B),) = DP_RULES[rule](
-        zeros, [(30, 1.0)], noise_multiplier=z, clip_norm=c, generator=make_generator(SEED)
-    )
+    lora_A, lora_B = get_rule(name).private_update(zero_global(400, 30, 30), zeros, mechanism(z, c, m), 30)
 
-    assert float(NOISE_OF[rule](lora_A, lora_B).std()) == pytest.approx(z * c / m, rel=0.1)
+    assert float(NOISE_OF[name](lora_A, lora_B).std()) == pytest.approx(z * c / m, rel=0.1)
 
 
 def test_dp_mean_noise_std_and_fixed_denominator() -> None:
     tensors = [torch.zeros(20_000, dtype=torch.float64)] * 3
 
-    noisy = dp_mean(tensors, noise_multiplier=2.0, clip_norm=1.5, generator=make_generator(SEED), num_clients=10)
+    noisy = dp_mean(tensors, mechanism(2.0, 1.5, 10))
 
     assert float(noisy.std()) == pytest.approx(2.0 * 1.5 / 10, rel=0.1)
 
 
-# --- central DP rules ---------------------------------------------------------------------------------------------
+# --- the rules' central-DP updates (what CentralDP runs) ------------------------------------------------------------
 
 
 def client_factors(g: torch.Generator, ranks: list[int], shared_a: bool = False) -> list[LoRAFactors]:
@@ -219,56 +228,49 @@ def client_factors(g: torch.Generator, ranks: list[int], shared_a: bool = False)
     return factors
 
 
-@pytest.mark.parametrize("rule", sorted(DP_RULES))
-def test_dp_off_equals_the_plain_rule_with_uniform_weights(rule: str) -> None:
+@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+def test_dp_off_equals_the_plain_rule_with_uniform_weights(name: str) -> None:
+    rule = get_rule(name)
     g = torch.Generator().manual_seed(SEED)
-    ranks = [2, 4, 3]
-    factors = client_factors(g, ranks, shared_a=(rule == "ffa"))
+    factors = client_factors(g, [2, 4, 3], shared_a=rule.freezes_lora_A)
     clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
-    targets = [(2, 1.0), (4, 0.5)]
 
-    plain = RULES[rule](clients, [1.0, 1.0, 1.0], targets)
-    private = DP_RULES[rule](clients, targets, noise_multiplier=0.0, clip_norm=1e6, generator=make_generator(SEED))
+    ((a_p, b_p),) = rule.aggregate(clients, [1.0, 1.0, 1.0], [(10, 1.0)])
+    a_d, b_d = rule.private_update(zero_global(10, 12, 10), clients, mechanism(0.0, 1e6, 3), 10)
 
-    for (a_p, b_p), (a_d, b_d), (_, s) in zip(plain, private, targets, strict=True):
-        torch.testing.assert_close(s * b_d @ a_d, s * b_p @ a_p)
+    torch.testing.assert_close(b_d @ a_d, b_p @ a_p)
 
 
-def test_dp_mean_svd_without_noise_is_the_uniform_mean() -> None:
+def test_svd_without_noise_releases_the_uniform_mean_over_the_public_denominator() -> None:
     g = torch.Generator().manual_seed(SEED)
     factors = client_factors(g, [2, 3])
     clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
 
-    svd = dp_mean_svd(clients, noise_multiplier=0.0, clip_norm=1e6, generator=make_generator(SEED), num_clients=4)
+    lora_A, lora_B = SVD().private_update(zero_global(10, 12, 10), clients, mechanism(0.0, 1e6, 4), 10)
 
-    expected = sum(f.delta() for f in factors) / 4
-    torch.testing.assert_close(svd.U @ torch.diag(svd.S) @ svd.V.T, expected)
-    assert bool((svd.S[:-1] >= svd.S[1:]).all())
+    torch.testing.assert_close(lora_B @ lora_A, sum(f.delta() for f in factors) / 4)
 
 
-@pytest.mark.parametrize("rule", sorted(DP_RULES))
-def test_unclipped_contribution_is_refused(rule: str) -> None:
+@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+def test_unclipped_contribution_is_refused(name: str) -> None:
     factors = client_factors(torch.Generator().manual_seed(SEED), [2, 2], shared_a=True)
     clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
 
     with pytest.raises(ValueError, match="exceeds clip_norm"):
-        DP_RULES[rule](clients, [(2, 1.0)], noise_multiplier=1.0, clip_norm=1e-3, generator=make_generator(SEED))
+        get_rule(name).private_update(zero_global(10, 12, 2), clients, mechanism(1.0, 1e-3, 2), 2)
 
 
 def test_denominator_below_the_number_of_replies_is_refused() -> None:
     with pytest.raises(ValueError, match="num_clients"):
-        dp_mean([torch.zeros(2)] * 3, noise_multiplier=1.0, clip_norm=1.0, generator=make_generator(), num_clients=2)
+        dp_mean([torch.zeros(2)] * 3, mechanism(1.0, 1.0, 2, seed=None))
 
 
 def test_clipped_then_noised_svd_round_trip_is_finite_and_seeded() -> None:
     g = torch.Generator().manual_seed(SEED)
     updates = [clip_factors(f, 0.5)[0] for f in client_factors(g, [2, 4])]
-    clients = [(f.lora_A.float(), f.lora_B.float(), f.scaling) for f in updates]
+    clients = [(f.lora_A, f.lora_B, f.scaling) for f in updates]
 
-    runs = [
-        DP_RULES["svd"](clients, [(4, 2.0)], noise_multiplier=1.0, clip_norm=0.5, generator=make_generator(7))
-        for _ in range(2)
-    ]
+    runs = [SVD().private_update(zero_global(10, 12, 4), clients, mechanism(1.0, 0.5, 2, seed=7), 4) for _ in range(2)]
 
-    assert all(bool(torch.isfinite(t).all()) for t in runs[0][0])
-    np.testing.assert_array_equal(runs[0][0][1].numpy(), runs[1][0][1].numpy())
+    assert all(bool(torch.isfinite(t).all()) for t in runs[0])
+    np.testing.assert_array_equal(runs[0][1].numpy(), runs[1][1].numpy())

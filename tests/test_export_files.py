@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from server.export import write_json_atomic, write_text_atomic
+from common.atomic_file import write_json_atomic, write_text_atomic
 
 
 def test_an_atomic_write_has_the_permissions_of_a_plain_write(tmp_path: Path) -> None:

@@ -13,12 +13,13 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from common import records
-from common.records import RecordError
+from common.codec import records
+from common.codec.records import RecordError
 from common.updates import LORA_A_SUFFIX, LORA_B_SUFFIX
 from common.validation import (
     REASON_CODES,
@@ -26,8 +27,8 @@ from common.validation import (
     UpdateLimits,
     check_instruction,
     check_update,
+    lora_update_norm,
     reason_code,
-    update_norm,
 )
 
 TRAIN_CASES = 600
@@ -221,7 +222,7 @@ def test_fuzz_train_reply_decodes_and_validates_or_raises_record_error(
     if reason is not None:
         assert reason_code(reason) in REASON_CODES, reason
         return
-    assert not math.isnan(update_norm(reply))
+    assert not math.isnan(lora_update_norm(reply))
     assert check_update(reply, rank, Layout.from_adapter(reply.adapter), LIMITS) is None
 
 
@@ -269,7 +270,7 @@ def _good_reply(metrics: dict[str, Any], node: dict[str, Any]) -> RecordDict:
 @settings(max_examples=20, phases=[Phase.generate], **FUZZ)
 @given(value=st.one_of(st.lists(st.integers(-5, 5), max_size=3), st.lists(st.floats(), max_size=3)))
 def test_fuzz_list_metric_raises_record_error(value: list[Any]) -> None:
-    with contextlib.suppress(RecordError):
+    with pytest.raises(RecordError, match="'loss' must be a number"):
         records.decode_train_reply(_good_reply({"loss": value}, {}))
 
 
@@ -283,5 +284,5 @@ def test_fuzz_ints_beyond_int64_raise_record_error(value: int, where: str) -> No
     if where == "loss":
         value *= 10**400  # float() of a metric overflows only beyond the float range
     content = _good_reply({} if in_node else {where: value}, {where: value} if in_node else {})
-    with contextlib.suppress(RecordError):
+    with pytest.raises(RecordError, match=f"'{where}' is out of range"):
         records.decode_train_reply(content)

@@ -2,7 +2,8 @@
 
 Nothing else in fedlora reads or writes a ``RecordDict`` key. Decoding checks structure (keys, types, array
 shapes are 2-D, numbers are numbers) and raises :class:`RecordError` naming the problem; the semantic checks
-(ranks, dimensions, finiteness, norms) are in :mod:`common.validation`.
+(ranks, dimensions, finiteness, norms) are in :mod:`common.validation`. The SecAgg+ path's keys are in
+:mod:`common.codec.secure_records`.
 """
 
 from __future__ import annotations
@@ -165,15 +166,6 @@ def server_round_of(content: RecordDict) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def record_nbytes(content: RecordDict) -> int:
-    """Bytes of every array in a RecordDict (what the factors cost on the wire, before framing)."""
-    total = 0
-    for value in content.values():
-        if isinstance(value, ArrayRecord):
-            total += sum(len(value[k].data) for k in value.keys())
-    return total
-
-
 def _get(content: RecordDict, key: str, kind: type) -> Any:
     if key not in content:
         raise RecordError(f"record is missing '{key}' (has {sorted(content.keys())})")
@@ -205,6 +197,8 @@ def _number(record: Mapping[str, Any], key: str, kind: type[int] | type[float]) 
         raise RecordError(f"'{key}' must be a number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise RecordError(f"'{key}' must be finite, got {value!r}")
+    if isinstance(value, int) and abs(value) >= 2**63:  # a record on the wire holds 64-bit integers
+        raise RecordError(f"'{key}' is out of range: {value!r}")
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise RecordError(f"'{key}' must be an integer, got {value!r}")
     try:

@@ -6,8 +6,8 @@ Flower 1.42 has SecAgg+ only on its legacy workflow path: ``secaggplus_mod`` rea
 weighted mean of everyone's. So on this path a node's reply is a ``FitRes`` whose parameters are its summands
 (:mod:`common.secure_sum`) and whose metrics carry, in clear, its :class:`NodeInfo`, its metrics and the summand keys.
 
-This module owns the keys of that path; :mod:`common.records` owns those of the normal path (the instruction a node
-receives is the normal one plus the ``secure`` record with the round's padding rank).
+This module owns the keys of that path; :mod:`common.codec.records` owns those of the normal path (the instruction
+a node receives is the normal one plus the ``secure`` record with the round's padding rank).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from common import records
+from common.codec import records
+from common.rules.base import Rule
 from common.secure_sum import secure_summands
 from common.updates import NodeInfo, TrainReply
 
@@ -63,7 +64,7 @@ def pad_rank_of(content: RecordDict) -> int:
     return value
 
 
-def encode_fit_res(reply: TrainReply, pad_rank: int, rule: str) -> tuple[RecordDict, list[np.ndarray]]:
+def encode_fit_res(reply: TrainReply, pad_rank: int, rule: Rule) -> tuple[RecordDict, list[np.ndarray]]:
     """A train reply as a legacy FitRes record (summands as parameters), and the summands themselves."""
     keys, summands = secure_summands(reply.adapter, reply.node.scaling, pad_rank, rule)
     info = records.encode_node_info(reply.node)
