@@ -1,5 +1,5 @@
 # fedlora: one CPU image for the SuperLink, the SuperNodes (`python -m client.device`, i.e. `fedlora client`) and
-# the run submitter (`python -m server.submit`). Certificates and keys are mounted at run time by
+# the run submitter (`python -m simulations.submit`). Certificates and keys are mounted at run time by
 # docker-compose.yml and never copied into the image (.dockerignore keeps them out of the build context).
 #
 #   docker build -t fedlora:latest .

@@ -8,9 +8,9 @@ The header holds ``{"format": 1, "server-round": N, "meta": {...}}``; the safete
 (global factors at every rank needed, the head, RNG states that are arrays). The SHA-256 digest covers everything
 before the footer, so a truncated or corrupted file is detected on load.
 
-A file is written to a temporary name in the same folder (``.round-NNNN.ckpt.<random>.tmp``), flushed and fsynced,
-renamed over its final name, and the folder is fsynced: a crash leaves either the previous state or the complete
-new file, never a half one under a checkpoint name. :func:`load_latest_checkpoint` skips a bad latest file with a
+A file is written atomically (:func:`common.atomic_file.write_bytes_atomic`: ``.round-NNNN.ckpt.<random>.tmp``,
+fsync, rename, fsync of the folder): a crash leaves either the previous state or the complete new file, never a
+half one under a checkpoint name. :func:`load_latest_checkpoint` skips a bad latest file with a
 warning naming it and falls back to the previous one.
 """
 
@@ -23,13 +23,14 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
 import safetensors.numpy
+
+from common.atomic_file import TEMP_SUFFIX, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ FORMAT = 1
 FOOTER_PREFIX = b"sha256:"
 FOOTER_SIZE = len(FOOTER_PREFIX) + 64 + 1
 _NAME = re.compile(r"^round-(\d+)\.ckpt$")
-_TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -77,21 +77,7 @@ def save_checkpoint(
         raise ValueError(f"server_round must be a non-negative integer, got server_round={server_round!r}")
     payload = _encode(server_round, arrays, meta)
     digest = hashlib.sha256(payload).hexdigest().encode("ascii")
-    path = checkpoint_path(folder, server_round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(payload + FOOTER_PREFIX + digest + b"\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_folder(path.parent)
-    return path
+    return write_bytes_atomic(checkpoint_path(folder, server_round), payload + FOOTER_PREFIX + digest + b"\n", 0o600)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -150,7 +136,7 @@ def prune_checkpoints(folder: str | os.PathLike[str], keep: int) -> list[Path]:
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive integer, got keep={keep!r}")
     folder = Path(folder)
-    removed = [p for p in folder.glob(f".round-*.ckpt.*{_TEMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    removed = [p for p in folder.glob(f".round-*.ckpt.*{TEMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
     valid = 0
     for path in list_checkpoints(folder)[::-1]:
         if valid >= keep:
@@ -225,13 +211,3 @@ def _check_json(where: str, value: Any) -> None:
         return
     hint = " (use a list)" if isinstance(value, tuple) else ""
     raise ValueError(f"{where} is a {type(value).__name__}, which does not survive JSON{hint}")
-
-
-def _fsync_folder(folder: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync elsewhere; the rename is still atomic
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

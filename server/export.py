@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -13,36 +11,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from common.atomic_file import write_json_atomic, write_text_atomic
 from common.config import RunConfig
 from common.updates import AdapterFactors
-
-
-def current_umask() -> int:
-    """The process umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text through a temporary file in the same folder, fsync, rename.
-
-    The file gets the permissions a plain ``open(path, "w")`` would give (0666 less the umask), not ``mkstemp``'s 0600,
-    so results stay readable by whoever may read the folder.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
 
 
 def save_peft_adapter(folder: Path, adapter: AdapterFactors, rank: int, cfg: RunConfig, base_model: str) -> Path:
@@ -53,8 +24,8 @@ def save_peft_adapter(folder: Path, adapter: AdapterFactors, rank: int, cfg: Run
     head_modules = sorted({key.removeprefix("base_model.model.").rsplit(".", 1)[0] for key in adapter.head})
     config = LoraConfig(
         r=rank,
-        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
-        use_rslora=cfg.use_rslora,
+        lora_alpha=cfg.lora.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+        use_rslora=cfg.lora.use_rslora,
         target_modules=targets,
         modules_to_save=head_modules or None,
         task_type="SEQ_CLS",

@@ -4,44 +4,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from flwr.supercore import log
 
+from common.atomic_file import write_json_atomic
 from common.config import RunConfig
 from common.updates import AdapterFactors, NodeInfo
 from server.checkpoint import prune_checkpoints, save_checkpoint
-from server.export import plot_metrics, save_peft_adapter, write_json_atomic, write_metrics
+from server.engine import RoundOutcome
+from server.export import plot_metrics, save_peft_adapter, write_metrics
 from server.run_store import RoundRecord, RunStore
-
-
-@dataclass
-class RoundLog:
-    """What the strategy collects during one round."""
-
-    round: int
-    started: float = field(default_factory=time.time)
-    sampled: list[int] = field(default_factory=list)
-    available: int = 0
-    participants: list[int] = field(default_factory=list)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    bytes_up: dict[int, int] = field(default_factory=dict)
-    aggregation_seconds: float = 0.0
-    diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    rejected: list[tuple[int, str]] = field(default_factory=list)
-    skipped: str | None = None
-    epsilon: float | None = None
-
-
-class Checkpointable(Protocol):
-    """What the recorder needs from the strategy to checkpoint it."""
-
-    def checkpoint_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
 
 
 def mean_energy(diagnostics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -75,8 +51,11 @@ class RunRecorder:
         """Record a node (rank, device, name) in the run store."""
         self.store.upsert_node(self.run_id, node_id, info.rank, info.device, info.name, server_round)
 
-    def record_round(self, entry: RoundLog, strategy: Checkpointable) -> None:
-        """Append the round's row, rewrite the metrics files, checkpoint, and commit the round to the store."""
+    def record_round(self, entry: RoundOutcome, state: tuple[dict[str, np.ndarray], dict[str, Any]]) -> None:
+        """Append the round's row, rewrite the metrics files, checkpoint ``state`` (arrays, JSON metadata), and commit
+        the round and the nodes heard from to the store."""
+        for node_id, info, server_round in entry.nodes_seen:
+            self.node_seen(node_id, info, server_round)
         row: dict[str, Any] = {
             "round": entry.round,
             "eval_accuracy": entry.metrics.get("eval-accuracy"),
@@ -97,10 +76,10 @@ class RunRecorder:
         write_metrics(self.rows, self.out_dir)
         checkpoint = None
         if entry.round > 0:
-            arrays, meta = strategy.checkpoint_state()
-            meta["metrics"] = self.rows
+            arrays, meta = state
+            meta = {**meta, "metrics": self.rows}
             checkpoint = save_checkpoint(self.checkpoint_dir, entry.round, arrays, meta)
-            prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+            prune_checkpoints(self.checkpoint_dir, self.cfg.reliability.keep_checkpoints)
         self.store.record_round(self.run_id, _store_record(entry, checkpoint))
         self._progress(row)
 
@@ -149,7 +128,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
 
 
-def _store_record(entry: RoundLog, checkpoint: Path | None) -> RoundRecord:
+def _store_record(entry: RoundOutcome, checkpoint: Path | None) -> RoundRecord:
     metrics = {k.replace("-", "_"): v for k, v in entry.metrics.items()}
     if entry.skipped:
         log(WARNING, "round %d recorded as skipped", entry.round)

@@ -1,21 +1,17 @@
-"""Splitting a round's replies into accepted updates and named rejections."""
+"""The Flower side of a round's replies: error replies named, contents decoded by the codec (everything else is in
+the Flower-free :mod:`server.accept` and :mod:`server.engine`)."""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from logging import WARNING
 
 from flwr.app import Message
-from flwr.supercore import log
 
-from common import records
-from common.config import RunConfig
-from common.updates import NodeInfo, TrainReply
-from common.validation import Layout, UpdateLimits, check_update, norm_outliers, update_norm
+from common.codec import records
+from common.updates import EvaluateReply, NodeInfo, TrainReply
+from server.accept import Rejection
 
-Rejection = tuple[int, str]
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Fault|Exit|Interrupt)\w*: \S")
 """A traceback's ``module.ExceptionType: message`` line (with a message)."""
 
@@ -41,85 +37,11 @@ def error_summary(reason: str, limit: int = 300) -> str:
     return summary if len(summary) <= limit else summary[: limit - 1] + "…"
 
 
-def missing_replies(
-    sent: Iterable[int], ok: Mapping[int, Message], failed: Iterable[Rejection], timeout: float
-) -> list[Rejection]:
-    """The nodes that were sent a message and did not answer in time (they dropped out or hang)."""
-    answered = set(ok) | {node_id for node_id, _ in failed}
-    return [(n, f"no-reply: no answer within round-timeout ({timeout:g} s)") for n in sorted(set(sent) - answered)]
-
-
-def update_limits(cfg: RunConfig) -> UpdateLimits:
-    """The bounds of :func:`common.validation.check_update` from the run config."""
-    return UpdateLimits(norm_factor=cfg.norm_factor, max_num_examples=cfg.max_num_examples)
-
-
-def layout_of(reply: TrainReply) -> Layout:
-    """The module dimensions and head shapes of a reply (what later replies must match)."""
-    return Layout.from_adapter(reply.adapter)
-
-
-def consensus_layout(
-    replies: Mapping[int, TrainReply], known: Mapping[int, NodeInfo], limits: UpdateLimits
-) -> Layout | None:
-    """The layout most of the internally consistent replies share (None when there is none).
-
-    The first round has no layout to check against; taking the first reply's would let one malformed update (a
-    module missing, a wrong shape) define what every honest node is rejected against, for the rest of the run.
-    Ties go to the layout of the reply whose sender sorts first by (name, node id).
-    """
-    votes: Counter[tuple[object, ...]] = Counter()
-    layouts: dict[tuple[object, ...], Layout] = {}
-    for node_id in sorted(replies, key=lambda n: (replies[n].node.name, n)):
-        reply = replies[node_id]
-        if check_update(reply, _expected_rank(node_id, reply, known), None, limits) is not None:
-            continue
-        layout = layout_of(reply)
-        key = (tuple(sorted(layout.modules.items())), tuple(sorted(layout.head.items())))
-        votes[key] += 1
-        layouts.setdefault(key, layout)
-    if not votes:
-        return None
-    best = max(votes.values())
-    return next(layouts[key] for key in layouts if votes[key] == best)
-
-
-def accept_train_replies(
-    replies: Mapping[int, Message],
-    known: Mapping[int, NodeInfo],
-    cfg: RunConfig,
-    layout: Layout | None,
-    limits: UpdateLimits | None = None,
-) -> tuple[dict[int, TrainReply], list[Rejection], Layout | None]:
-    """Decode and validate every train reply; return the accepted ones, the rejections and the layout.
-
-    ``layout`` is what replies must match; ``None`` before the first valid round, when the round's consensus
-    (:func:`consensus_layout`) becomes the layout.
-    """
-    limits = limits or update_limits(cfg)
-    decoded, rejected = _decode(replies)
-    if layout is None:
-        layout = consensus_layout(decoded, known, limits)
-    accepted: dict[int, TrainReply] = {}
-    for node_id, reply in decoded.items():
-        reason = check_update(reply, _expected_rank(node_id, reply, known), layout, limits)
-        if reason is not None:
-            rejected.append((node_id, reason))
-        else:
-            accepted[node_id] = reply
-    outliers = norm_outliers({n: update_norm(r) for n, r in accepted.items()}, limits.norm_factor)
-    for node_id, reason in sorted(outliers.items()):
-        rejected.append((node_id, reason))
-        del accepted[node_id]
-    for node_id, reason in rejected:
-        log(WARNING, "update from node %d rejected: %s", node_id, reason)
-    return accepted, rejected, layout
-
-
-def _decode(replies: Mapping[int, Message]) -> tuple[dict[int, TrainReply], list[Rejection]]:
+def decode_train_replies(ok: Mapping[int, Message]) -> tuple[dict[int, TrainReply], list[Rejection]]:
+    """Train replies decoded by the codec; a malformed one is a rejection (``malformed: …``)."""
     decoded: dict[int, TrainReply] = {}
     rejected: list[Rejection] = []
-    for node_id, msg in sorted(replies.items()):
+    for node_id, msg in sorted(ok.items()):
         try:
             decoded[node_id] = records.decode_train_reply(msg.content)
         except records.RecordError as err:
@@ -127,6 +49,25 @@ def _decode(replies: Mapping[int, Message]) -> tuple[dict[int, TrainReply], list
     return decoded, rejected
 
 
-def _expected_rank(node_id: int, reply: TrainReply, known: Mapping[int, NodeInfo]) -> int:
-    """The rank the coordinator learned for the node, or (for a node it has not met) the one it reports."""
-    return known[node_id].rank if node_id in known else reply.node.rank
+def decode_evaluate_replies(ok: Mapping[int, Message]) -> tuple[dict[int, EvaluateReply], list[Rejection]]:
+    """Evaluate replies decoded by the codec; a malformed one is named (``malformed-evaluate-reply: …``)."""
+    decoded: dict[int, EvaluateReply] = {}
+    failed: list[Rejection] = []
+    for node_id, msg in ok.items():
+        try:
+            decoded[node_id] = records.decode_evaluate_reply(msg.content)
+        except records.RecordError as err:
+            failed.append((node_id, f"malformed-evaluate-reply: {err}"))
+    return decoded, failed
+
+
+def decode_query_replies(ok: Mapping[int, Message]) -> tuple[dict[int, NodeInfo], list[Rejection]]:
+    """Query replies (a node's rank, scaling, name, device) decoded by the codec."""
+    decoded: dict[int, NodeInfo] = {}
+    failed: list[Rejection] = []
+    for node_id, msg in ok.items():
+        try:
+            decoded[node_id] = records.decode_query_reply(msg.content)
+        except records.RecordError as err:
+            failed.append((node_id, f"malformed query reply: {err}"))
+    return decoded, failed

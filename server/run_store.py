@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-RUN_STATUSES = ("running", "completed", "failed")
 FINAL_STATUSES = ("completed", "failed")
 BUSY_TIMEOUT_S = 10.0
 

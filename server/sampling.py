@@ -44,11 +44,3 @@ def sample_nodes(nodes: list[int], size: int, rng: random.Random, key: Callable[
     """
     ordered = sorted(nodes, key=key) if key is not None else sorted(nodes)
     return sorted(rng.sample(ordered, size))
-
-
-def sample_nodes_with_deadline(
-    grid: Grid, min_nodes: int, fraction: float, rng: random.Random, timeout: float
-) -> list[int]:
-    """Wait up to ``timeout`` s for ``min_nodes`` connected nodes, then sample ``fraction`` of them (seeded)."""
-    nodes = wait_for_nodes(grid, min_nodes, timeout)
-    return sample_nodes(nodes, sample_size(len(nodes), min_nodes, fraction), rng)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
@@ -38,14 +38,15 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
-from common import records
+from common.codec import records
+from common.codec.secure_records import SecureReply, decode_fit_res, decode_means, with_pad_rank
 from common.config import RunConfig
-from common.secure_records import SecureReply, decode_fit_res, decode_means, with_pad_rank
+from common.rules.base import Rule
 from common.secure_sum import means_from_sums
+from common.updates import weighted_metric
+from server.lifecycle import close_run, open_run
 from server.secure_grid import RecordingGrid
-from server.server_app import close_run, open_run
 from server.strategy import LoRAStrategy
 
 
@@ -103,13 +104,13 @@ class LoRASecAggPlus(SecAggPlusWorkflow):
 
     def __init__(self, instructions: Mapping[int, RecordDict], cfg: RunConfig) -> None:
         super().__init__(
-            num_shares=_share_setting(cfg.secagg_num_shares),
-            reconstruction_threshold=_share_setting(cfg.secagg_reconstruction_threshold),
-            max_weight=cfg.secagg_max_weight,
-            clipping_range=cfg.secagg_clipping_range,
-            quantization_range=cfg.secagg_quantization_range,
-            modulus_range=cfg.secagg_modulus_range,
-            timeout=cfg.round_timeout,
+            num_shares=_share_setting(cfg.secagg.num_shares),
+            reconstruction_threshold=_share_setting(cfg.secagg.reconstruction_threshold),
+            max_weight=cfg.secagg.max_weight,
+            clipping_range=cfg.secagg.clipping_range,
+            quantization_range=cfg.secagg.quantization_range,
+            modulus_range=cfg.secagg.modulus_range,
+            timeout=cfg.reliability.round_timeout,
         )
         self.instructions = instructions
         self.unmask_seconds = 0.0
@@ -139,10 +140,10 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
     """The whole run with SecAgg+ train rounds: round 0 evaluation (or resume), the rounds, the exported adapter."""
     strategy, recorder = open_run(grid, context, cfg)
     try:
-        for server_round in range(1, cfg.num_rounds - strategy.round_offset + 1):
+        for server_round in range(1, cfg.num_rounds - strategy.engine.round_offset + 1):
             secure_train_round(grid, context, cfg, strategy, server_round)
             evaluate = strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
-            replies = grid.send_and_receive(evaluate, timeout=cfg.round_timeout)
+            replies = grid.send_and_receive(evaluate, timeout=cfg.reliability.round_timeout)
             strategy.aggregate_evaluate(server_round, replies)
     except BaseException:
         recorder.finish(None, 0, status="failed")
@@ -151,16 +152,16 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
 
 
 def secure_train_round(grid: Grid, context: Context, cfg: RunConfig, strategy: LoRAStrategy, server_round: int) -> None:
-    """One train phase through SecAgg+; the round's log in ``strategy.pending`` is filled as the normal path does."""
+    """One train phase through SecAgg+; the engine's round outcome is filled as the Message API path fills it."""
+    engine = strategy.engine
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
-    global_round = server_round + strategy.round_offset
     node_ids = [int(m.metadata.dst_node_id) for m in messages]
-    pad_rank = max((strategy.nodes[n].rank if n in strategy.nodes else cfg.max_rank for n in node_ids), default=1)
+    pad_rank = max((engine.nodes[n].rank if n in engine.nodes else cfg.lora.max_rank for n in node_ids), default=1)
     instructions = {n: with_pad_rank(m.content, pad_rank) for n, m in zip(node_ids, messages, strict=True)}
     round_strategy = SecureRound(node_ids, grid)
     recording = RecordingGrid(grid)
     workflow = LoRASecAggPlus(instructions, cfg)
-    workflow(recording, _legacy_context(context, cfg, round_strategy, global_round))
+    workflow(recording, _legacy_context(context, cfg, round_strategy, engine.outcome.round))
     started = time.perf_counter()
     results = round_strategy.results or []
     replies: dict[int, SecureReply] = {}
@@ -169,29 +170,33 @@ def secure_train_round(grid: Grid, context: Context, cfg: RunConfig, strategy: L
             replies[int(proxy.node_id)] = decode_fit_res(fit_res)
         except records.RecordError as err:
             recording.errors[int(proxy.node_id)] = f"malformed SecAgg+ metadata: {err}"
-    pending = strategy.pending
-    pending.rejected.extend(
+    outcome = engine.outcome
+    outcome.rejected.extend(
         (n, recording.errors.get(n, "dropped out of SecAgg+ (no reply within round-timeout)"))
         for n in node_ids
         if n not in replies
     )
     reason = _skip_reason(results, replies, cfg)
+    means = None
     if reason is None:
-        reason = _install(strategy, results[0][1].parameters, replies, cfg)
-    if reason is not None:
-        pending.skipped = reason
-        log(WARNING, "round %d skipped: %s", global_round, reason)
+        means, reason = _means(results[0][1].parameters, replies, engine.global_adapter.rule)
+    if means is None:
+        engine.skip(reason or "the secure aggregate cannot be used")
+        strategy.flush_log()
         return
-    for node_id, reply in replies.items():
-        strategy.nodes[node_id] = reply.node
-        strategy.recorder.node_seen(node_id, reply.node, global_round)
-    pending.participants = sorted(replies)
-    pending.bytes_up = {n: b for n, b in recording.masked_bytes.items() if n in replies}
-    pending.aggregation_seconds = workflow.unmask_seconds + time.perf_counter() - started
-    pending.metrics.update(_weighted_train_loss(list(replies.values())))
-    pending.epsilon = max((r.metrics["epsilon"] for r in replies.values() if "epsilon" in r.metrics), default=None)
-    ranks = sorted({info.rank for info in strategy.nodes.values()})
-    pending.diagnostics = strategy.global_adapter.global_diagnostics(ranks)
+    try:
+        engine.install_means(*means, {n: r.node for n, r in replies.items()}, workflow.unmask_seconds)
+    except (ValueError, FloatingPointError) as err:
+        engine.skip(f"the secure aggregate cannot be used: {err}")
+        strategy.flush_log()
+        return
+    outcome.aggregation_seconds += time.perf_counter() - started
+    outcome.bytes_up = {n: b for n, b in recording.masked_bytes.items() if n in replies}
+    train_loss = weighted_metric(replies.values(), "train-loss")
+    if train_loss is not None:
+        outcome.metrics["train-loss"] = train_loss
+    outcome.epsilon = max((r.metrics["epsilon"] for r in replies.values() if "epsilon" in r.metrics), default=None)
+    strategy.flush_log()
 
 
 def _skip_reason(
@@ -199,33 +204,25 @@ def _skip_reason(
 ) -> str | None:
     """Why the round's sum cannot be used, or None."""
     if not results:
-        return "secure aggregation did not complete (too few nodes answered at some stage); global adapter kept"
+        return "secure aggregation did not complete (too few nodes answered at some stage)"
     if len(replies) < len(results):
-        return "a node's clear metadata was malformed and the sum cannot be split; global adapter kept"
-    if len(replies) < cfg.min_nodes:
-        return f"only {len(replies)} nodes in the secure sum, fewer than min-nodes={cfg.min_nodes}; global adapter kept"
+        return "a node's clear metadata was malformed and the sum cannot be split"
+    if len(replies) < cfg.reliability.min_nodes:
+        return f"only {len(replies)} nodes in the secure sum, fewer than min-nodes={cfg.reliability.min_nodes}"
     if len({tuple(r.summand_keys) for r in replies.values()}) != 1:
-        return "nodes disagree on the summand layout; global adapter kept"
+        return "nodes disagree on the summand layout"
     return None
 
 
-def _install(
-    strategy: LoRAStrategy, parameters: Parameters, replies: Mapping[int, SecureReply], cfg: RunConfig
-) -> str | None:
-    """Put the unmasked means into the global adapter; a reason when they cannot be used."""
+def _means(
+    parameters: Parameters, replies: Mapping[int, SecureReply], rule: Rule
+) -> tuple[tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]] | None, str | None]:
+    """The unmasked means split per module and head, or None and why they cannot be used."""
     keys = next(iter(replies.values())).summand_keys
     try:
-        lora, head = means_from_sums(keys, decode_means(parameters), cfg.rule)
-        strategy.global_adapter.load_means(lora, head)
-    except (ValueError, FloatingPointError) as err:
-        return f"the secure aggregate cannot be used: {err}; global adapter kept"
-    return None
-
-
-def _weighted_train_loss(replies: list[SecureReply]) -> dict[str, float]:
-    pairs = [(r.metrics["train-loss"], r.num_examples) for r in replies if "train-loss" in r.metrics]
-    total = sum(n for _, n in pairs)
-    return {"train-loss": sum(v * n for v, n in pairs) / total} if total > 0 else {}
+        return means_from_sums(keys, decode_means(parameters), rule), None
+    except ValueError as err:
+        return None, f"the secure aggregate cannot be used: {err}"
 
 
 def _legacy_context(context: Context, cfg: RunConfig, strategy: SecureRound, server_round: int) -> LegacyContext:
@@ -237,4 +234,6 @@ def _legacy_context(context: Context, cfg: RunConfig, strategy: SecureRound, ser
         }
     )
     base = Context(context.run_id, context.node_id, context.node_config, state, context.run_config)
-    return LegacyContext(base, ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout), strategy)
+    return LegacyContext(
+        base, ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.reliability.round_timeout), strategy
+    )

@@ -24,7 +24,7 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from client.device_options import build_parser as device_parser
 from server.dashboard.cli import TOKEN_ENV
 from server.dashboard.cli import add_arguments as add_dashboard_arguments
-from server.submit import build_parser as submit_parser
+from simulations.submit import build_parser as submit_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

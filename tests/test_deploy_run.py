@@ -29,8 +29,8 @@ from deploy import Deployment, bounded, running, wait_until
 
 from client.audit import audit_mod
 from client.model import resolve_model
+from client.tasks import TINY_TOPICS
 from server.certs import create_certs
-from simulations.tasks import TINY_TOPICS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="process groups, SIGALRM")]
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def overhead_report(
 
 
 def test_submit_exits_1_on_a_failed_run_that_flwr_run_accepted(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "server.submit", "--min-nodes", "0", "--app", str(PROJECT_DIR)]
+    command = [sys.executable, "-m", "simulations.submit", "--min-nodes", "0", "--app", str(PROJECT_DIR)]
     command += ["--run-config", 'rule="bogus"', "--flwr-home", str(tmp_path / "flwr"), "--timeout", "240"]
 
     with bounded(300), Deployment(tmp_path / "deployment", nodes=0) as dep:

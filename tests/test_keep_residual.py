@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from common.config import RunConfig
+from common.rules.svd import SVD
 from common.updates import AdapterFactors, NodeInfo, TrainReply
 from server.global_adapter import GlobalAdapter
 
 MODULES = {"layer.0.query": (12, 10), "layer.0.value": (12, 10)}  # (out, in)
 STORE_RANK = 8
+SMALL = {"max-rank": STORE_RANK, "node-ranks": "2,8"}
 
 
 def scaling(rank: int) -> float:
@@ -39,7 +41,7 @@ def products(adapter: GlobalAdapter) -> dict[str, np.ndarray]:
 
 def started(keep_residual: bool, rank: int = 8) -> GlobalAdapter:
     """A global adapter after round 1: one node's rank-``rank`` update."""
-    adapter = GlobalAdapter("svd", STORE_RANK, keep_residual=keep_residual)
+    adapter = GlobalAdapter(SVD(keep_residual=keep_residual), STORE_RANK)
     adapter.aggregate([reply(rank, seed=0)], [2])
     return adapter
 
@@ -92,9 +94,13 @@ def test_it_is_the_global_plus_the_weighted_changes_from_what_was_served() -> No
 
 
 def test_it_is_the_default_and_fedavg_aggregates_as_before() -> None:
-    assert GlobalAdapter.from_config(RunConfig()).keep_residual
-    assert not GlobalAdapter.from_config(RunConfig.from_mapping({"keep-residual": False})).keep_residual
-    on, off = GlobalAdapter("fedavg", STORE_RANK, keep_residual=True), GlobalAdapter("fedavg", STORE_RANK)
+    assert isinstance(rule := GlobalAdapter.from_config(RunConfig()).rule, SVD) and rule.keep_residual
+    off_config = RunConfig.from_mapping({"keep-residual": False})
+    assert isinstance(rule := GlobalAdapter.from_config(off_config).rule, SVD) and not rule.keep_residual
+    on, off = (
+        GlobalAdapter.from_config(RunConfig.from_mapping({"rule": "fedavg", "keep-residual": kept, **SMALL}))
+        for kept in (True, False)
+    )
     for adapter in (on, off):
         adapter.aggregate([reply(8, seed=0)], [8])
         adapter.aggregate([reply(2, seed=1, start=adapter), reply(8, seed=2, start=adapter)], [2, 8])

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import cast
 
 import numpy as np
 import pytest
 
 from common.accounting import compose_epsilon
 from common.config import RunConfig
+from common.rules.base import SeededInit
+from common.rules.central_dp import CentralDP, CentralDPSettings
+from common.rules.registry import get_rule
 from common.updates import AdapterFactors, NodeInfo, TrainReply
-from server.central_dp import CentralDP, CentralDPSettings
+from server.engine import RoundEngine
 from server.global_adapter import GlobalAdapter
 
 MODULES = {"layer.0.query": (6, 5), "layer.0.value": (6, 5)}  # (out, in)
 
 
-def initial_a(module: str, rank: int, in_features: int) -> np.ndarray:
-    return np.random.default_rng([1, len(module)]).uniform(-0.3, 0.3, size=(rank, in_features)).astype(np.float32)
+INIT = SeededInit(seed=1, max_rank=8)
+"""The nodes' shared lora_A init: what fedavg's first round changes start from."""
+initial_a = INIT.lora_A
 
 
 def reply(rank: int, seed: int, rule: str, start: GlobalAdapter | None = None, scale: float = 0.1) -> TrainReply:
@@ -39,8 +42,8 @@ def reply(rank: int, seed: int, rule: str, start: GlobalAdapter | None = None, s
 def private_adapter(
     rule: str, z: float, clip: float, seed: int | None = 3, target: float = 0.0, q: float = 0.5
 ) -> GlobalAdapter:
-    settings = CentralDPSettings(z, clip, 1e-5, target, "rdp", planned_rounds=2, planned_sample_rate=q, seed=seed)
-    return GlobalAdapter(rule, 8, central_dp=CentralDP(settings, initial_a))
+    settings = CentralDPSettings(z, clip, 1e-5, target, "rdp", 2, planned_sample_rate=q, seed=seed, init=INIT)
+    return GlobalAdapter(get_rule(rule), 8, central_dp=CentralDP(get_rule(rule), settings))
 
 
 def products(adapter: GlobalAdapter) -> dict[str, np.ndarray]:
@@ -51,7 +54,7 @@ def products(adapter: GlobalAdapter) -> dict[str, np.ndarray]:
 def test_without_noise_or_clipping_it_is_the_uniform_mean(rule: str) -> None:
     # Arrange: equal ranks and equal weights, so that fedavg's mean of changes equals its mean of factors.
     replies = [reply(4, seed, rule) for seed in range(3)]
-    plain, private = GlobalAdapter(rule, 8), private_adapter(rule, z=1e-9, clip=100.0)
+    plain, private = GlobalAdapter(get_rule(rule), 8), private_adapter(rule, z=1e-9, clip=100.0)
     # Act
     plain.aggregate(replies, [4])
     private.aggregate(replies, [4], num_sampled=3, num_available=3)
@@ -70,7 +73,7 @@ def test_each_change_is_clipped_to_c_before_averaging(rule: str) -> None:
     head_before = warm.head["head.weight"].copy()
     clip = 0.05
     assert warm.central_dp is not None
-    warm.central_dp.settings = CentralDPSettings(1e-9, clip, 1e-5, 0.0, "rdp", 2, 0.5, 3)
+    warm.central_dp.settings = CentralDPSettings(1e-9, clip, 1e-5, 0.0, "rdp", 2, 0.5, 3, INIT)
     # Act
     warm.aggregate([reply(4, 10 + s, rule, start=warm, scale=5.0) for s in range(3)], [4], num_sampled=3)
     # Assert: the released mean change is at most C in every part (each part of a mean of vectors within C).
@@ -116,18 +119,15 @@ def test_coordinator_restart_continues_epsilon_and_the_seeded_noise() -> None:
         np.testing.assert_allclose(products(after)[module], expected, atol=1e-6)
 
 
-def test_strategy_checkpoint_carries_the_accountant() -> None:
-    from server.recorder import RunRecorder
-    from server.strategy import LoRAStrategy
+def test_the_engine_checkpoint_carries_the_accountant() -> None:
+    cfg = RunConfig.from_mapping(
+        {"rule": "svd", "dp": "central", "noise-multiplier": 1.0, "max-rank": 8, "node-ranks": "4"}
+    )
+    engine = RoundEngine(cfg)
+    engine.global_adapter.aggregate([reply(4, s, "svd") for s in range(3)], [4], num_sampled=3)
+    arrays, meta = engine.checkpoint_state()
 
-    cfg = RunConfig(rule="svd", dp="central", noise_multiplier=1.0, max_rank=8, node_ranks=(4,))
-    strategy = LoRAStrategy(cfg, cast(RunRecorder, None))
-    strategy.global_adapter = GlobalAdapter.from_config(cfg)
-    strategy.global_adapter.aggregate([reply(4, s, "svd") for s in range(3)], [4], num_sampled=3)
-    arrays, meta = strategy.checkpoint_state()
-
-    restored = LoRAStrategy(cfg, cast(RunRecorder, None))
-    restored.global_adapter = GlobalAdapter.from_config(cfg)
+    restored = RoundEngine(cfg)
     restored.restore(1, arrays, json.loads(json.dumps(meta)))
 
     assert restored.global_adapter.central_dp is not None
@@ -160,6 +160,6 @@ def test_the_budget_is_never_exceeded() -> None:
 
 def test_checkpoint_and_run_must_agree_about_central_dp() -> None:
     with pytest.raises(ValueError, match="disagree about central DP"):
-        GlobalAdapter("svd", 8).load_extra_state(private_adapter("svd", 1.0, 1.0).extra_state())
+        GlobalAdapter(get_rule("svd"), 8).load_extra_state(private_adapter("svd", 1.0, 1.0).extra_state())
     with pytest.raises(ValueError, match="disagree about central DP"):
         private_adapter("svd", 1.0, 1.0).load_extra_state({})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import subprocess
 import time
@@ -16,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_reliability_rejections import CFG, RANKS, FakeGrid, valid_reply
 
 from client.faults import HANG_MARGIN_FRACTION, HANG_MARGIN_S, Fault, hang_seconds, parse_faults
-from common import records
+from common.codec import records
 from common.config import RunConfig
 from common.validation import reason_code
 from server.checkpoint import load_checkpoint
@@ -55,7 +54,7 @@ def run(tmp_path: Path, grid: FakeGrid, cfg: RunConfig) -> tuple[LoRAStrategy, f
     strategy = LoRAStrategy(cfg, RunRecorder(cfg, tmp_path / "run", "deadlines", tmp_path / "fedlora.db"))
     started = time.monotonic()
     strategy.evaluate_round_zero(grid)  # type: ignore[arg-type]
-    strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_rounds, timeout=cfg.round_timeout)  # type: ignore[arg-type]
+    strategy.start(grid, ArrayRecord(), num_rounds=cfg.num_rounds, timeout=cfg.reliability.round_timeout)  # type: ignore[arg-type]
     return strategy, time.monotonic() - started
 
 
@@ -69,19 +68,19 @@ def test_waiting_for_nodes_ends_at_the_deadline() -> None:
 
 def test_too_few_connected_nodes_skip_rounds_and_the_run_still_finishes(tmp_path: Path) -> None:
     # Flower's own sample_nodes would wait forever here for min_available_nodes = 2.
-    cfg = RunConfig(num_rounds=2, min_nodes=2, node_ranks=(2, 4, 8), round_timeout=TIMEOUT)
+    cfg = RunConfig.from_mapping({"num-rounds": 2, "min-nodes": 2, "node-ranks": "2,4,8", "round-timeout": TIMEOUT})
     grid = RoundGrid({}, connected=[11])
     strategy, seconds = run(tmp_path, grid, cfg)
-    assert grid.timeouts and all(t is not None and t <= cfg.round_timeout for t in grid.timeouts)
+    assert grid.timeouts and all(t is not None and t <= cfg.reliability.round_timeout for t in grid.timeouts)
     assert [row["round"] for row in strategy.recorder.rows] == [0, 1, 2]
     assert all(row["skipped"].startswith("only 1 valid replies") for row in strategy.recorder.rows[1:])
-    assert strategy.global_adapter.empty
+    assert strategy.engine.global_adapter.empty
     assert seconds < 2 * (cfg.num_rounds + 1) * TIMEOUT + 30  # each phase waits for nodes at most once
 
 
 def test_a_round_whose_nodes_fall_silent_is_skipped_at_its_deadline(tmp_path: Path) -> None:
     # Arrange: round 1 is normal; in round 2 three of the four nodes never answer.
-    cfg = dataclasses.replace(CFG, num_rounds=2, round_timeout=TIMEOUT)
+    cfg = RunConfig.from_mapping({**CFG.to_mapping(), "num-rounds": 2, "round-timeout": TIMEOUT})
     silent = {2: {n for n in RANKS if n != 11}}
     # Act
     grid = RoundGrid(silent)
@@ -90,10 +89,10 @@ def test_a_round_whose_nodes_fall_silent_is_skipped_at_its_deadline(tmp_path: Pa
     rows = strategy.recorder.rows
     assert rows[1]["skipped"] == "" and rows[1]["participants"] == len(RANKS)
     assert rows[2]["skipped"].startswith("only 1 valid replies") and rows[2]["participants"] == 0
-    assert sorted((n, reason_code(r)) for n, r in strategy.pending.rejected) == sorted(
+    assert sorted((n, reason_code(r)) for n, r in strategy.engine.outcome.rejected) == sorted(
         (n, "no-reply") for n in silent[2]
     )
-    assert grid.timeouts and all(t is not None and t <= cfg.round_timeout for t in grid.timeouts)
+    assert grid.timeouts and all(t is not None and t <= cfg.reliability.round_timeout for t in grid.timeouts)
     assert TIMEOUT <= rows[2]["round_seconds"] < TIMEOUT + 30  # generous: this machine is shared and loaded
     assert seconds < TIMEOUT + 60
     ckpt = tmp_path / "run" / "checkpoints"
@@ -122,10 +121,10 @@ def test_the_launcher_stops_processes_re_parented_out_of_its_tree(tmp_path: Path
 
 
 def test_the_run_deadline_covers_every_wait_of_every_round() -> None:
-    cfg = RunConfig(num_rounds=5, round_timeout=600.0)
+    cfg = RunConfig.from_mapping({"num-rounds": 5, "round-timeout": 600.0})
     deadline = run_deadline(cfg)
     assert math.isfinite(deadline)
-    assert deadline >= (cfg.num_rounds + 1) * (4 * cfg.round_timeout + 4 * 120.0)
+    assert deadline >= (cfg.num_rounds + 1) * (4 * cfg.reliability.round_timeout + 4 * 120.0)
 
 
 def test_fault_items_parse_with_an_optional_phase() -> None:

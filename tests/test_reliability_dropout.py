@@ -23,7 +23,7 @@ import pytest
 import safetensors.numpy
 from conftest import SimulationRun, simulate
 
-from common import records
+from common.codec import records
 from common.config import RunConfig
 from common.updates import AdapterFactors, NodeInfo, TrainReply
 from common.validation import reason_code
@@ -106,7 +106,7 @@ def test_thirty_percent_failing_leaves_the_aggregate_of_the_survivors(faulty_run
     row = faulty_run.metrics()[FAULTY_ROUND]
     survivors = [f"partition-{i}" for i in range(NODES) if f"partition-{i}" not in FAULTY_ROUND_FAILS]
     replies = [sent_reply(faulty_run.audit_dir / f"{name}-round{FAULTY_ROUND}.npz") for name in survivors]
-    cfg = RunConfig(node_ranks=(2, 4, 8))
+    cfg = RunConfig.from_mapping({"node-ranks": "2,4,8"})
     # Act: the aggregate computed directly from the survivors' updates (on top of round 1's global adapter, which
     # keep-residual reads; plain svd does not).
     expected = GlobalAdapter.from_config(cfg)
@@ -135,10 +135,10 @@ def test_too_few_alive_skips_the_round_and_keeps_the_adapter(faulty_run: Simulat
 
 
 def test_the_exported_adapter_is_the_last_aggregate(faulty_run: SimulationRun) -> None:
-    cfg = RunConfig(node_ranks=(2, 4, 8))
-    state = GlobalAdapter(cfg.rule, cfg.max_rank)
+    cfg = RunConfig.from_mapping({"node-ranks": "2,4,8"})
+    state = GlobalAdapter(cfg.rule, cfg.lora.max_rank)
     state.load_arrays(checkpoint(faulty_run, FAULTY_ROUND).arrays)
-    expected = state.export(8, cfg.lora_alpha, cfg.use_rslora)
+    expected = state.export(8, cfg.lora.lora_alpha, cfg.lora.use_rslora)
     assert expected is not None
     exported = safetensors.numpy.load_file(str(faulty_run.out_dir / "adapter" / "adapter_model.safetensors"))
     assert set(exported) == set(expected.to_state_dict())

@@ -19,7 +19,7 @@ import pytest
 from flwr.app import ArrayRecord, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import records
+from common.codec import records
 from common.config import RunConfig
 from common.lora import lora_scaling
 from common.updates import AdapterFactors, EvaluateReply, NodeInfo, TrainReply
@@ -36,12 +36,14 @@ MODULES = {"encoder.layer.0.attention.self.query": (6, 5), "encoder.layer.0.atte
 HEAD = {"base_model.model.classifier.weight": (3, 5), "base_model.model.classifier.bias": (3,)}
 HEAD_WEIGHT = "base_model.model.classifier.weight"
 LIMITS = UpdateLimits(norm_factor=10.0, max_num_examples=10_000, max_bytes=1 << 20)
-CFG = RunConfig(num_rounds=1, min_nodes=2, node_ranks=(2, 4, 8), round_timeout=5.0, max_num_examples=10_000)
+CFG = RunConfig.from_mapping(
+    {"num-rounds": 1, "min-nodes": 2, "node-ranks": "2,4,8", "round-timeout": 5.0, "max-num-examples": 10_000}
+)
 
 
 def info(node_id: int) -> NodeInfo:
     rank = RANKS[node_id]
-    return NodeInfo(rank, lora_scaling(CFG.lora_alpha, rank), f"node-{node_id:03d}", "cpu: test")
+    return NodeInfo(rank, lora_scaling(CFG.lora.lora_alpha, rank), f"node-{node_id:03d}", "cpu: test")
 
 
 def valid_reply(node_id: int) -> TrainReply:
@@ -137,20 +139,20 @@ def run_one_round(tmp_path: Path, bad: RecordDict | Error) -> LoRAStrategy:
     strategy = LoRAStrategy(CFG, recorder, limits=LIMITS)
     grid = FakeGrid(train)
     strategy.evaluate_round_zero(grid)  # type: ignore[arg-type]
-    strategy.start(grid, ArrayRecord(), num_rounds=CFG.num_rounds, timeout=CFG.round_timeout)  # type: ignore[arg-type]
+    strategy.start(grid, ArrayRecord(), num_rounds=CFG.num_rounds, timeout=CFG.reliability.round_timeout)  # type: ignore[arg-type]
     return strategy
 
 
 def direct_aggregate(replies: list[TrainReply]) -> GlobalAdapter:
     """The oracle: the global adapter's own rule applied to the valid replies alone, in the strategy's order."""
-    reference = GlobalAdapter(CFG.rule, CFG.max_rank)
+    reference = GlobalAdapter.from_config(CFG)
     reference.aggregate(sorted(replies, key=lambda r: r.node.name), sorted(set(RANKS.values())))
     return reference
 
 
 def assert_global_is_aggregate_of(strategy: LoRAStrategy, valid: list[TrainReply]) -> None:
     """Equal to the direct aggregate, and to a dense reference ΔW̄ = Σ p_i s_i B_i A_i (no truncation: R ≤ 64)."""
-    got = strategy.global_adapter
+    got = strategy.engine.global_adapter
     want = direct_aggregate(valid)
     for key, value in want.to_arrays().items():
         np.testing.assert_allclose(got.to_arrays()[key], value, rtol=0, atol=1e-6, err_msg=key)
@@ -181,7 +183,7 @@ def test_bad_update_is_rejected_with_its_reason_and_left_out_of_the_aggregate(tm
     # Act
     strategy = run_one_round(tmp_path, bad)
     # Assert: rejected with that reason (in memory and in the run store) ...
-    assert [(n, reason_code(r)) for n, r in strategy.pending.rejected] == [(BAD_NODE, reason)]
+    assert [(n, reason_code(r)) for n, r in strategy.engine.outcome.rejected] == [(BAD_NODE, reason)]
     ((node, text),) = stored_rejections(tmp_path / "fedlora.db", 1)
     assert node == str(BAD_NODE) and reason_code(text) == reason
     # ... the round completed (recorded, not skipped, checkpointed) ...
@@ -196,7 +198,7 @@ def test_malformed_record_is_rejected_by_the_codec(tmp_path: Path) -> None:
     content = records.encode_train_reply(valid_reply(BAD_NODE))
     del content[records.NODE]
     strategy = run_one_round(tmp_path, content)
-    assert [(n, reason_code(r)) for n, r in strategy.pending.rejected] == [(BAD_NODE, "malformed")]
+    assert [(n, reason_code(r)) for n, r in strategy.engine.outcome.rejected] == [(BAD_NODE, "malformed")]
     assert_global_is_aggregate_of(strategy, [valid_reply(n) for n in sorted(RANKS) if n != BAD_NODE])
 
 
@@ -208,7 +210,7 @@ def test_a_failed_node_is_recorded_with_its_exception(tmp_path: Path) -> None:
         "flwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred.'>"
     )
     strategy = run_one_round(tmp_path, Error(code=1, reason=traceback))
-    assert strategy.pending.rejected == [
+    assert strategy.engine.outcome.rejected == [
         (BAD_NODE, "node-error: client.faults.InjectedFault: injected fault: node-007 told to raise in round 1")
     ]
     assert_global_is_aggregate_of(strategy, [valid_reply(n) for n in sorted(RANKS) if n != BAD_NODE])
@@ -218,5 +220,5 @@ def test_a_bad_update_does_not_persist_as_the_layout(tmp_path: Path) -> None:
     """The first round learns the layout from the majority, so the next round still accepts honest nodes."""
     bad = records.encode_train_reply(BAD_UPDATES["missing-key"](valid_reply(BAD_NODE)))
     strategy = run_one_round(tmp_path, bad)
-    assert strategy.layout is not None and set(strategy.layout.modules) == set(MODULES)
-    assert set(strategy.layout.head) == set(HEAD)
+    assert strategy.engine.layout is not None and set(strategy.engine.layout.modules) == set(MODULES)
+    assert set(strategy.engine.layout.head) == set(HEAD)

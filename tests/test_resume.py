@@ -171,7 +171,8 @@ def test_resume_refuses_when_no_checkpoint_is_valid(tmp_path: Path) -> None:
     # Arrange: a run folder whose every checkpoint is corrupt.
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"run-id": "r", **RunConfig(out_dir=str(run_dir)).to_mapping()}))
+    config = RunConfig.from_mapping({"out-dir": str(run_dir)}).to_mapping()
+    (run_dir / "config.json").write_text(json.dumps({"run-id": "r", **config}))
     for server_round in (1, 2):
         flip_a_byte(save_checkpoint(run_dir / "checkpoints", server_round, {"x": np.zeros(64)}, {}))
     # Act

@@ -23,10 +23,11 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.secure import secure_train_mod
-from common import records
+from common.codec import records
+from common.codec.secure_records import decode_fit_res, decode_means, with_pad_rank
 from common.config import RunConfig
 from common.lora import lora_scaling
-from common.secure_records import decode_fit_res, decode_means, with_pad_rank
+from common.rules.registry import get_rule
 from common.secure_sum import means_from_sums
 from common.updates import AdapterFactors, Instruction, NodeInfo, TrainReply
 from server.global_adapter import GlobalAdapter
@@ -126,15 +127,17 @@ def secure_aggregate(
     LoRASecAggPlus(instructions, cfg)(grid, _legacy_context(base, cfg, round_strategy, 1))
     assert round_strategy.results, "SecAgg+ did not complete"
     clear = [decode_fit_res(fit_res) for _, fit_res in round_strategy.results]
-    lora, head = means_from_sums(clear[0].summand_keys, decode_means(round_strategy.results[0][1].parameters), cfg.rule)
-    adapter = GlobalAdapter(cfg.rule, 16)
+    lora, head = means_from_sums(
+        clear[0].summand_keys, decode_means(round_strategy.results[0][1].parameters), get_rule(cfg.rule)
+    )
+    adapter = GlobalAdapter(get_rule(cfg.rule), 16)
     adapter.load_means(lora, head)
     return adapter, sorted(int(p.node_id) for p, _ in round_strategy.results)
 
 
 def quantisation_bound(cfg: RunConfig, examples: list[int]) -> float:
-    weights = [n / cfg.secagg_max_weight for n in examples]
-    return len(examples) * (2 * cfg.secagg_clipping_range / cfg.secagg_quantization_range) / sum(weights)
+    weights = [n / cfg.secagg.max_weight for n in examples]
+    return len(examples) * (2 * cfg.secagg.clipping_range / cfg.secagg.quantization_range) / sum(weights)
 
 
 def assert_adapters_close(actual: GlobalAdapter, expected: GlobalAdapter, atol: float) -> None:
@@ -149,10 +152,10 @@ def assert_adapters_close(actual: GlobalAdapter, expected: GlobalAdapter, atol: 
 @pytest.mark.parametrize("rule", ["fedavg", "ffa"])
 def test_secure_aggregate_equals_the_plain_aggregate_within_quantisation(rule: str) -> None:
     # Arrange
-    cfg = RunConfig(rule=rule, secure_aggregation=True, secagg_max_weight=400.0)
+    cfg = RunConfig.from_mapping({"rule": rule, "secure-aggregation": True, "secagg-max-weight": 400.0})
     rng = np.random.default_rng(7)
     replies = {n: make_reply(n, rule, rng) for n in RANKS}
-    plain = GlobalAdapter(rule, 16)
+    plain = GlobalAdapter(get_rule(rule), 16)
     plain.aggregate(list(replies.values()), sorted(RANKS.values()))
     # Act
     secure, members = secure_aggregate(replies, cfg)
@@ -165,10 +168,10 @@ def test_secure_aggregate_equals_the_plain_aggregate_within_quantisation(rule: s
 
 
 def test_a_node_that_fails_drops_out_and_the_others_are_summed() -> None:
-    cfg = RunConfig(rule="fedavg", secure_aggregation=True, secagg_max_weight=400.0)
+    cfg = RunConfig.from_mapping({"rule": "fedavg", "secure-aggregation": True, "secagg-max-weight": 400.0})
     rng = np.random.default_rng(8)
     replies = {n: make_reply(n, "fedavg", rng) for n in RANKS}
-    plain = GlobalAdapter("fedavg", 16)
+    plain = GlobalAdapter(get_rule("fedavg"), 16)
     plain.aggregate([replies[11], replies[33]], [2, 8])
 
     secure, members = secure_aggregate(replies, cfg, failing=frozenset({22}))
@@ -180,7 +183,9 @@ def test_a_node_that_fails_drops_out_and_the_others_are_summed() -> None:
 def test_an_entry_beyond_the_clipping_range_is_refused_by_the_node() -> None:
     from client.secure import check_clipping_range
 
-    cfg = RunConfig(rule="fedavg", secure_aggregation=True, secagg_max_weight=100.0, secagg_clipping_range=1.0)
+    cfg = RunConfig.from_mapping(
+        {"rule": "fedavg", "secure-aggregation": True, "secagg-max-weight": 100.0, "secagg-clipping-range": 1.0}
+    )
     with pytest.raises(ValueError, match="exceeds secagg-clipping-range 1"):
         check_clipping_range([np.array([0.5, -3.0])], 50, cfg)
     with pytest.raises(ValueError, match="exceeds secagg-max-weight"):

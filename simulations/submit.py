@@ -3,10 +3,10 @@
 ::
 
     # register the nodes' public keys, then exit (compose service `register`)
-    python -m server.submit --superlink superlink:9092 --root-cert /certs/ca.crt \\
+    python -m simulations.submit --superlink superlink:9092 --root-cert /certs/ca.crt \\
         --register /certs/node-0.pub --register /certs/node-1.pub
     # wait for 2 online SuperNodes, run the app, wait for the run (compose service `coordinator`)
-    python -m server.submit --superlink superlink:9092 --root-cert /certs/ca.crt \\
+    python -m simulations.submit --superlink superlink:9092 --root-cert /certs/ca.crt \\
         --min-nodes 2 --app /app --run-config 'num-rounds=2' --run-config 'store="/outputs/fedlora.db"'
 
 Waits until the SuperLink answers (TLS verified with ``--root-cert``), registers the given node public keys (a key
@@ -40,7 +40,7 @@ STREAM_GRACE_S = 10.0
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the submitter's argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m server.submit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.submit", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
     add("--root-cert", required=True, type=Path, metavar="CA.CRT", help="CA certificate of the SuperLink")

@@ -1,0 +1,57 @@
+"""How a coordinator run starts and ends, on either path (Message API or SecAgg+): fresh or resumed, then exported."""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.config import RunConfig
+from server.checkpoint import load_latest_checkpoint
+from server.recorder import RunRecorder
+from server.strategy import LoRAStrategy
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """``out-dir`` from the config, or ``runs/<timestamp>``."""
+    return Path(cfg.output.out_dir or time.strftime("runs/%Y%m%d-%H%M%S")).resolve()
+
+
+def store_path(cfg: RunConfig, out_dir: Path) -> Path:
+    """The SQLite run store: ``store`` from the config, or ``fedlora.db`` next to the run folder."""
+    return Path(cfg.output.store).resolve() if cfg.output.store else out_dir.parent / "fedlora.db"
+
+
+def open_run(grid: Grid, context: Context, cfg: RunConfig) -> tuple[LoRAStrategy, RunRecorder]:
+    """The strategy and recorder of a run: restored from the last checkpoint on resume, else after round 0."""
+    out_dir = output_dir(cfg)
+    checkpoint = load_latest_checkpoint(out_dir / "checkpoints", required=True) if cfg.reliability.resume else None
+    run_id = _previous_run_id(out_dir) if checkpoint else str(context.run_id)
+    recorder = RunRecorder(cfg, out_dir, run_id, store_path(cfg, out_dir), resume=checkpoint is not None)
+    strategy = LoRAStrategy(cfg, recorder)
+    if checkpoint is not None:
+        strategy.engine.restore(checkpoint.server_round, checkpoint.arrays, checkpoint.meta)
+        recorder.rows = list(checkpoint.meta.get("metrics", []))
+        log(INFO, "fedlora | resuming %s after round %d", out_dir, checkpoint.server_round)
+    else:
+        strategy.evaluate_round_zero(grid)
+    return strategy, recorder
+
+
+def close_run(strategy: LoRAStrategy, recorder: RunRecorder, cfg: RunConfig) -> None:
+    """Export the global adapter at the largest node rank and write the final outputs."""
+    engine = strategy.engine
+    rank = max(engine.ranks, default=1)
+    adapter = engine.global_adapter.export(rank, cfg.lora.lora_alpha, cfg.lora.use_rslora)
+    path = recorder.finish(adapter, rank)
+    log(INFO, "fedlora | done: outputs in %s, adapter %s", recorder.out_dir, path)
+
+
+def _previous_run_id(out_dir: Path) -> str:
+    config = out_dir / "config.json"
+    return str(json.loads(config.read_text(encoding="utf-8")).get("run-id")) if config.is_file() else out_dir.name
