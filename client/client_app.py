@@ -7,9 +7,10 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.faults import fault_mod
-from client.node import NodeSettings, evaluate_node, node_info, train_node
+from client.node import evaluate_node, node_info, train_node
+from client.node_settings import NodeSettings
 from client.secure import secure_train_mod
-from common import records
+from common.codec import records
 from common.config import RunConfig
 
 app = ClientApp(mods=[audit_mod, fault_mod])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from client.tasks import TextData, load_local_file, load_task, partition_indices, shuffled_prefix
 from common.config import RunConfig
-from simulations.tasks import TextData, load_local_file, load_task, partition_indices, shuffled_prefix
 
 LOCAL_SUFFIXES = (".jsonl", ".csv")
 
@@ -29,19 +29,15 @@ def is_local_file(data: str) -> bool:
 
 
 def num_labels_for(cfg: RunConfig, data: str) -> int:
-    """Number of classes: the packaged task's, or the ``labels`` / ``num-labels`` run-config keys for local files."""
+    """Number of classes: the packaged task's, or the ``labels`` run-config key for a local file (required there)."""
     if not is_local_file(data):
         return load_task(data).num_labels
-    if "labels" in cfg.extra:
-        return len(label_names(cfg))
-    if "num-labels" in cfg.extra:
-        return int(cfg.extra["num-labels"])
-    raise ValueError("local data needs the class names in the run config: set labels = 'neg,pos' (or num-labels)")
-
-
-def label_names(cfg: RunConfig) -> tuple[str, ...]:
-    """Class names from the ``labels`` run-config key (comma separated)."""
-    return tuple(s.strip() for s in str(cfg.extra.get("labels", "")).split(",") if s.strip())
+    if not cfg.data.labels:
+        raise ValueError(
+            f"local data file {data} needs its class names in the run config: set labels = 'neg,pos' "
+            "(one name per class; an integer label indexes into them)"
+        )
+    return len(cfg.data.labels)
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,20 +52,20 @@ def _partitions(
 def node_data(cfg: RunConfig, data: str, partition_id: int, num_partitions: int) -> NodeData:
     """The node's share of a packaged task (non-IID split of train and test), or its own local file."""
     if is_local_file(data):
-        examples = load_local_file(Path(data), label_names(cfg))
+        examples = load_local_file(Path(data), cfg.data.labels)
         order = shuffled_prefix(range(len(examples)), 0, cfg.seed)
-        n_test = min(cfg.eval_examples, max(1, len(order) // 5))
-        train = examples.subset(shuffled_prefix(order[n_test:], cfg.train_examples, cfg.seed))
+        n_test = min(cfg.data.eval_examples, max(1, len(order) // 5))
+        train = examples.subset(shuffled_prefix(order[n_test:], cfg.data.train_examples, cfg.seed))
         return NodeData(train, examples.subset(order[:n_test]), num_labels_for(cfg, data))
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     task = load_task(data)
-    split_args = (num_partitions, cfg.partitioner, cfg.seed, cfg.dirichlet_alpha, cfg.labels_per_node)
+    split_args = (num_partitions, cfg.data.partitioner, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.labels_per_node)
     train_idx = _partitions(data, "train", *split_args)[partition_id]
     test_idx = _partitions(data, "test", *split_args)[partition_id]
     return NodeData(
-        task.train.subset(shuffled_prefix(train_idx, cfg.train_examples, cfg.seed + partition_id)),
-        task.test.subset(shuffled_prefix(test_idx, cfg.eval_examples, cfg.seed + partition_id)),
+        task.train.subset(shuffled_prefix(train_idx, cfg.data.train_examples, cfg.seed + partition_id)),
+        task.test.subset(shuffled_prefix(test_idx, cfg.data.eval_examples, cfg.seed + partition_id)),
         task.num_labels,
     )
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from common import records
+from common.codec import records
 
 INJECT_FAULTS = "inject-faults"
 KINDS = ("raise", "hang")

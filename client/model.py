@@ -6,11 +6,9 @@ classification head (peft's ``modules_to_save``) are read out with :func:`get_ad
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 
-from common.lora import lora_scaling
+from common.lora import lora_scaling, seeded_lora_a
 from common.updates import LORA_A_SUFFIX, AdapterFactors
 
 DEFAULT_TARGETS = {
@@ -75,7 +73,7 @@ def tiny_model_path() -> Path:
     """
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from simulations.tasks import TINY_TOPICS, tiny_vocabulary
+    from client.tasks import TINY_TOPICS, tiny_vocabulary
 
     target = cache_dir() / "tiny-bert-v2"
     if (target / "config.json").is_file():
@@ -143,47 +141,22 @@ def default_targets(model: PreTrainedModel) -> tuple[str, ...]:
     return DEFAULT_TARGETS[model_type]
 
 
-def shared_lora_a(seed: int, module: str, rank: int, in_features: int, max_rank: int) -> np.ndarray:
-    """A seeded lora_A init shared by every node: rows of one (max_rank × in) draw, so ranks share a prefix.
-
-    Kaiming-uniform with a = √5 (peft's default for lora_A): bound = 1/√in. The generator is seeded by
-    (seed, module name) so the draw does not depend on the order modules are visited.
-    """
-    rng = np.random.default_rng([seed, zlib.crc32(module.encode())])
-    bound = 1.0 / math.sqrt(in_features)
-    return rng.uniform(-bound, bound, size=(max_rank, in_features)).astype(np.float32)[:rank]
+def lora_config(settings: LoRASettings, task_type: str) -> LoraConfig:
+    """The one peft ``LoraConfig`` of a node at ``settings.rank`` (``task_type``: ``SEQ_CLS`` or ``CAUSAL_LM``)."""
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
+        use_rslora=settings.use_rslora,
+        target_modules=list(settings.target_modules),
+        task_type=task_type,
+    )
 
 
 def attach_lora(base: PreTrainedModel, settings: LoRASettings, adapter_name: str = "default") -> PeftModel:
-    """Wrap a base model with LoRA at ``settings.rank``; lora_A starts at the shared seeded init, lora_B at 0."""
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
-        use_rslora=settings.use_rslora,
-        target_modules=list(settings.target_modules),
-        task_type="SEQ_CLS",
-    )
-    model = get_peft_model(base, config, adapter_name=adapter_name)
+    """Wrap a sequence classifier with LoRA at ``settings.rank``; lora_A starts at the shared init, lora_B at 0."""
+    model = get_peft_model(base, lora_config(settings, "SEQ_CLS"), adapter_name=adapter_name)
     reset_adapter_inplace(model, settings)
     return model
-
-
-def use_rank(model: PeftModel, settings: LoRASettings) -> None:
-    """Switch a peft model to ``settings.rank`` by adding a new adapter (peft cannot reshape one in place)."""
-    current = model.active_adapter
-    if getattr(model.peft_config[current], "r", None) == settings.rank:
-        return
-    new_name = f"rank-{settings.rank}"
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
-        use_rslora=settings.use_rslora,
-        target_modules=list(settings.target_modules),
-        task_type="SEQ_CLS",
-    )
-    model.add_adapter(new_name, config)
-    model.set_adapter(new_name)
-    model.delete_adapter(current)
 
 
 def reset_adapter_inplace(model: PeftModel, settings: LoRASettings, head: dict[str, np.ndarray] | None = None) -> None:
@@ -193,7 +166,7 @@ def reset_adapter_inplace(model: PeftModel, settings: LoRASettings, head: dict[s
     for key, value in state.items():
         if key.endswith(LORA_A_SUFFIX):
             module = key[: -len(LORA_A_SUFFIX)]
-            init = shared_lora_a(settings.seed, module, value.shape[0], value.shape[1], settings.max_rank)
+            init = seeded_lora_a(settings.seed, module, value.shape[0], value.shape[1], settings.max_rank)
             fresh[key] = torch.from_numpy(init)
         elif ".lora_B." in key:
             fresh[key] = torch.zeros_like(value)
@@ -245,7 +218,7 @@ def load_adapter_inplace(model: PeftModel, adapter: AdapterFactors, settings: Lo
         lora_A = np.array(lora_A, dtype=np.float32)
         dead = ~(np.abs(lora_A).sum(axis=1) > 0) & ~(np.abs(lora_B).sum(axis=0) > 0)
         if dead.any():
-            init = shared_lora_a(settings.seed, module, lora_A.shape[0], lora_A.shape[1], settings.max_rank)
+            init = seeded_lora_a(settings.seed, module, lora_A.shape[0], lora_A.shape[1], settings.max_rank)
             lora_A[dead] = init[dead]
         state[module + LORA_A_SUFFIX] = torch.from_numpy(lora_A)
         state[module + ".lora_B.weight"] = torch.from_numpy(np.asarray(lora_B, dtype=np.float32))

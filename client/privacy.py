@@ -12,11 +12,9 @@ The node's ε is cumulative over rounds and restarts: :class:`NodePrivacyState` 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.accounting import PrivacyLedger, check_delta, check_entry, opacus_accountants
+from common.atomic_file import write_json_atomic
 from common.dp import make_generator
 
 if TYPE_CHECKING:
@@ -64,18 +63,11 @@ def attach_dp_sgd(
     from opacus.optimizers import DPOptimizer
     from opacus.validators import ModuleValidator
 
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be finite and >= 0, got noise_multiplier={noise_multiplier}")
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be positive and finite, got max_grad_norm={max_grad_norm}")
+    _check_dp_arguments(noise_multiplier, max_grad_norm)
     _check_optimizer_covers_trainable(model, optimizer)
     ModuleValidator.validate(model, strict=True)
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    noise_generator = generator if generator is not None else make_generator(None, device=device)
-    # A seed drawn from the noise stream (not the same seed) keeps sampling and noise uncorrelated in seeded runs.
-    sample_seed = int(torch.randint(0, 2**62, (1,), generator=noise_generator, device=noise_generator.device))
-    sample_generator = make_generator(None if generator is None else sample_seed)
-
+    noise_generator, sample_generator = _dp_generators(generator, device)
     private_model = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     private_loader: DataLoader[Any] = data_loader
     if poisson_sampling:
@@ -110,6 +102,23 @@ def _check_optimizer_covers_trainable(model: nn.Module, optimizer: torch.optim.O
         )
 
 
+def _check_dp_arguments(noise_multiplier: float, max_grad_norm: float) -> None:
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got noise_multiplier={noise_multiplier}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be positive and finite, got max_grad_norm={max_grad_norm}")
+
+
+def _dp_generators(generator: torch.Generator | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(noise, Poisson sampling) generators: ``generator`` and a CPU one seeded by a draw from it, or two CSPRNG ones.
+
+    A seed drawn from the noise stream (not the same seed) keeps sampling and noise uncorrelated in seeded runs.
+    """
+    noise_generator = generator if generator is not None else make_generator(None, device=device)
+    sample_seed = int(torch.randint(0, 2**62, (1,), generator=noise_generator, device=noise_generator.device))
+    return noise_generator, make_generator(None if generator is None else sample_seed)
+
+
 def dp_sample_rate(data_loader: DataLoader[Any]) -> float:
     """Opacus's sampling rate q = 1 / len(data_loader), the rate to record in the ledger for each step."""
     if len(data_loader) == 0:
@@ -127,29 +136,6 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
     optimizer.zero_grad()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a crash leaves either the old or the new file: temp file, fsync, rename, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def state_dir(node_state_dir: str = "") -> Path:
@@ -203,7 +189,7 @@ class NodePrivacyState:
 
     def save(self) -> None:
         """Write the ledger to :attr:`path` atomically."""
-        write_json_atomic(self.path, self.ledger.to_dict())
+        write_json_atomic(self.path, self.ledger.to_dict(), mode=0o600)
 
     def budget_exhausted(
         self, target_epsilon: float, planned: tuple[float, float, int] | None = None

@@ -3,7 +3,7 @@
 Only train messages that carry SecAgg+'s config record take this path; every other message goes straight to the
 handler. In SecAgg+'s third stage the mod calls the normal train handler (which decodes the fedlora instruction,
 trains and encodes a normal reply), turns that reply into a legacy ``FitRes`` of zero-padded summands
-(:mod:`common.secure_records`, :mod:`common.secure_sum`), and lets ``secaggplus_mod`` quantise and mask it. What
+(:mod:`common.codec.secure_records`, :mod:`common.secure_sum`), and lets ``secaggplus_mod`` quantise and mask it. What
 leaves the node is masked integers, plus in clear its rank, scaling, name, device, example count and metrics.
 
 SecAgg+ clips every entry of w·x (w = num-examples / secagg-max-weight) to ±secagg-clipping-range before it
@@ -19,9 +19,10 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from common import records
+from common.codec import records
+from common.codec.secure_records import encode_fit_res, pad_rank_of
 from common.config import RunConfig
-from common.secure_records import encode_fit_res, pad_rank_of
+from common.rules.registry import rule_for
 
 
 def secure_train_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -35,7 +36,7 @@ def secure_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
             return reply
         cfg = RunConfig.from_mapping(ctx.run_config)
         train_reply = records.decode_train_reply(reply.content)
-        content, summands = encode_fit_res(train_reply, pad_rank_of(message.content), cfg.rule)
+        content, summands = encode_fit_res(train_reply, pad_rank_of(message.content), rule_for(cfg))
         check_clipping_range(summands, train_reply.num_examples, cfg)
         return Message(content, reply_to=message)
 
@@ -44,15 +45,15 @@ def secure_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
 
 def check_clipping_range(summands: list[np.ndarray], num_examples: int, cfg: RunConfig) -> None:
     """Refuse an update that SecAgg+ would clip or whose weight would overflow, with the setting to change."""
-    weight = num_examples / cfg.secagg_max_weight
+    weight = num_examples / cfg.secagg.max_weight
     if weight > 1:
         raise ValueError(
-            f"num-examples {num_examples} exceeds secagg-max-weight {cfg.secagg_max_weight:g}; the masked sum could "
+            f"num-examples {num_examples} exceeds secagg-max-weight {cfg.secagg.max_weight:g}; the masked sum could "
             "overflow. Raise secagg-max-weight"
         )
     largest = max((float(np.abs(s).max()) for s in summands if s.size), default=0.0)
-    if weight * largest > cfg.secagg_clipping_range:
+    if weight * largest > cfg.secagg.clipping_range:
         raise ValueError(
             f"an update entry of magnitude {largest:.4g} (× weight {weight:.4g}) exceeds secagg-clipping-range "
-            f"{cfg.secagg_clipping_range:g}; SecAgg+ would clip it and corrupt the sum. Raise secagg-clipping-range"
+            f"{cfg.secagg.clipping_range:g}; SecAgg+ would clip it and corrupt the sum. Raise secagg-clipping-range"
         )

@@ -42,16 +42,16 @@ class TrainSettings:
         rounds, stretches the schedule to end there).
         """
         offset, total = 0, 0
-        if server_round >= 1 and cfg.schedule_span == "run":
+        if server_round >= 1 and cfg.training.schedule_span == "run":
             offset, total = (server_round - 1) * steps, max(cfg.num_rounds, server_round) * steps
         return cls(
             steps,
-            cfg.batch_size,
-            cfg.learning_rate,
-            cfg.warmup_ratio,
-            cfg.schedule,
+            cfg.training.batch_size,
+            cfg.training.learning_rate,
+            cfg.training.warmup_ratio,
+            cfg.training.schedule,
             seed,
-            cfg.head_lr_ratio,
+            cfg.training.head_lr_ratio,
             offset,
             total,
         )

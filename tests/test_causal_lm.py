@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from client import causal_lm, causal_node
+from client import causal_lm, task_types
 from client.causal_lm import (
     CAUSAL_TARGETS,
     IGNORE_INDEX,
@@ -29,8 +29,9 @@ from client.causal_lm import (
     train_causal,
     use_causal_rank,
 )
-from client.model import LoRASettings, get_adapter, shared_lora_a
+from client.model import LoRASettings, get_adapter
 from client.train import TrainSettings
+from common.lora import seeded_lora_a
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,7 +215,7 @@ def test_lora_targets_the_attention_projections_of_every_layer_and_starts_at_zer
     assert set(adapter.lora) == expected and adapter.head == {}
     for module, (lora_A, lora_B) in adapter.lora.items():
         assert not lora_B.any()
-        np.testing.assert_allclose(lora_A, shared_lora_a(0, module, 4, lora_A.shape[1], 16))
+        np.testing.assert_allclose(lora_A, seeded_lora_a(0, module, 4, lora_A.shape[1], 16))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
@@ -284,6 +285,7 @@ def test_forgetting_the_gguf_quantizer_refuses_packed_weights() -> None:
 # --- the node functions in federated rounds --------------------------------------------------------------------------
 def test_six_character_nodes_at_mixed_ranks_lower_perplexity_in_one_round(tmp_path: Path) -> None:
     # Arrange: a tiny model folder and a tiny transcript; nodes at ranks 2, 4, 8 (cycled over six characters).
+    from client.node import evaluate_node, train_node
     from common.config import RunConfig
     from simulations.inprocess import run_rounds, simulated_nodes
 
@@ -298,11 +300,11 @@ def test_six_character_nodes_at_mixed_ranks_lower_perplexity_in_one_round(tmp_pa
             "max-rank": 16,
         }
     )  # fmt: skip
-    causal_node._shared_model.cache_clear()
-    causal_node.character_data.cache_clear()
+    task_types._shared_causal_model.cache_clear()
+    task_types.character_data.cache_clear()
     nodes = simulated_nodes(cfg, len(MAIN_CHARACTERS), MAIN_CHARACTERS)
-    # Act
-    rounds = run_rounds(cfg, nodes, causal_node.train_causal_node, causal_node.evaluate_causal_node)
+    # Act: the one node path, which picks the causal-LM task type for a transcript file
+    rounds = run_rounds(cfg, nodes, train_node, evaluate_node)
 
     # Assert
     def overall(i: int) -> float:

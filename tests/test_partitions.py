@@ -1,4 +1,4 @@
-"""How packaged data is split over simulated nodes (`simulations.tasks.partition_indices`)."""
+"""How packaged data is split over simulated nodes (`client.tasks.partition_indices`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from simulations.tasks import partition_indices
+from client.tasks import partition_indices
 
 # Sorted by label, as 20 Newsgroups' .tab file is: 20 labels x 60 rows.
 SORTED_LABELS = [label for label in range(20) for _ in range(60)]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from client.dp_train import LocalDPSettings, PrivacyBudgetExhausted, train_private
-from client.node import NodeSettings, privacy_state
+from client.node import privacy_state
+from client.node_settings import NodeSettings
 from client.privacy import STATE_DIR_ENV, NodePrivacyState, state_dir
 from client.train import TrainSettings
 from common.accounting import compose_epsilon
@@ -82,7 +83,7 @@ def test_calibrated_noise_fits_the_planned_rounds_and_the_next_is_refused(tmp_pa
 
 
 def test_the_ledger_lives_in_the_node_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = RunConfig(dp="local", noise_multiplier=1.0, out_dir="/runs/a")
+    cfg = RunConfig.from_mapping({"dp": "local", "noise-multiplier": 1.0, "out-dir": "/runs/a"})
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "env"))
     from_env = NodeSettings.from_node_config(cfg, {"partition-id": 1, "num-partitions": 3})
     from_node = NodeSettings.from_node_config(cfg, {"partition-id": 1, "state-dir": str(tmp_path / "node")})
@@ -90,7 +91,7 @@ def test_the_ledger_lives_in_the_node_state_folder(tmp_path: Path, monkeypatch: 
     assert privacy_state(cfg, from_env).path.parent == tmp_path / "env"
     assert privacy_state(cfg, from_node).path.parent == tmp_path / "node"
     assert privacy_state(cfg, from_env).path == privacy_state(cfg, from_env).path  # stable across restarts
-    other_run = RunConfig(dp="local", noise_multiplier=1.0, out_dir="/runs/b")
+    other_run = RunConfig.from_mapping({"dp": "local", "noise-multiplier": 1.0, "out-dir": "/runs/b"})
     assert privacy_state(other_run, from_env).path != privacy_state(cfg, from_env).path
     monkeypatch.delenv(STATE_DIR_ENV)
     assert state_dir() == Path.home() / ".cache" / "fedlora" / "state"

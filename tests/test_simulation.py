@@ -10,7 +10,8 @@ import torch
 from conftest import SimulationRun
 
 from client.model import resolve_model
-from client.node import NodeSettings, build_model
+from client.node import build_model
+from client.node_settings import NodeSettings
 from common.config import RunConfig
 from common.lora import lora_scaling
 from common.updates import Instruction
@@ -83,12 +84,12 @@ def test_exported_adapter_loads_with_stock_peft_and_matches_the_global_model(tin
     cfg = RunConfig.from_mapping(saved)
     checkpoint = load_latest_checkpoint(tiny_simulation.out_dir / "checkpoints", required=True)
     assert checkpoint.server_round == 2
-    state = GlobalAdapter(cfg.rule, cfg.max_rank)
+    state = GlobalAdapter.from_config(cfg)
     state.load_arrays(checkpoint.arrays)
     rank = max(RANKS.values())
     node = NodeSettings.from_node_config(cfg, {"partition-id": 2, "num-partitions": 3})
     ins = Instruction(
-        3, rank, lora_scaling(cfg.lora_alpha, rank), state.serve(rank, lora_scaling(cfg.lora_alpha, rank))
+        3, rank, lora_scaling(cfg.lora.lora_alpha, rank), state.serve(rank, lora_scaling(cfg.lora.lora_alpha, rank))
     )
     in_memory, _ = build_model(cfg, node, ins)
     # Act: stock peft loads the exported folder onto a fresh base model.

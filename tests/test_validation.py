@@ -16,9 +16,9 @@ from common.validation import (
     UpdateLimits,
     check_instruction,
     check_update,
+    lora_update_norm,
     norm_outliers,
     reason_code,
-    update_norm,
 )
 
 RANK = 2
@@ -151,14 +151,14 @@ def test_update_norm_equals_dense_oracle() -> None:
     dense = [
         np.linalg.norm(SCALING * b.astype(np.float64) @ a.astype(np.float64)) for a, b in reply.adapter.lora.values()
     ]
-    assert update_norm(reply) == pytest.approx(math.sqrt(sum(d**2 for d in dense)), rel=1e-9)
+    assert lora_update_norm(reply) == pytest.approx(math.sqrt(sum(d**2 for d in dense)), rel=1e-9)
 
 
 def test_update_norm_of_zero_update_is_zero_and_huge_update_stays_finite() -> None:
     zero = AdapterFactors({m: (a, np.zeros_like(b)) for m, (a, b) in make_adapter().lora.items()})
-    assert update_norm(make_reply(zero)) == 0.0
+    assert lora_update_norm(make_reply(zero)) == 0.0
     huge = AdapterFactors({Q: (np.full((RANK, 5), 1e150), np.full((6, RANK), 1e150))})
-    norm = update_norm(make_reply(huge))
+    norm = lora_update_norm(make_reply(huge))
     assert math.isfinite(norm) and norm == pytest.approx(SCALING * 1e300 * RANK * math.sqrt(30), rel=1e-9)
 
 
@@ -166,7 +166,7 @@ def test_update_norm_of_huge_factors_with_zero_product_is_zero_not_nan() -> None
     # s·a·b overflows to inf while B·A = 0; inf · 0 would be NaN
     lora_A = np.array([[1e200, 0.0], [0.0, 0.0]])
     lora_B = np.array([[0.0, 1e200]])
-    assert update_norm(make_reply(AdapterFactors({Q: (lora_A, lora_B)}))) == 0.0
+    assert lora_update_norm(make_reply(AdapterFactors({Q: (lora_A, lora_B)}))) == 0.0
 
 
 def test_norm_outliers_use_the_rounds_median() -> None:
@@ -246,13 +246,14 @@ def extra_head_key(adapter: AdapterFactors) -> None:
 )
 def test_a_node_refuses_damaged_global_factors(damage: Callable[[AdapterFactors], None], reason: str) -> None:
     from client.model import get_adapter
-    from client.node import NodeSettings, build_model
+    from client.node import build_model
+    from client.node_settings import NodeSettings
     from common.config import RunConfig
     from common.lora import lora_scaling
 
     cfg = RunConfig.from_mapping({"model": "tiny", "task": "tiny", "node-ranks": "2,4"})
     node = NodeSettings.from_node_config(cfg, {"partition-id": 1, "num-partitions": 2})
-    scaling = lora_scaling(cfg.lora_alpha, node.rank)
+    scaling = lora_scaling(cfg.lora.lora_alpha, node.rank)
     fresh, _ = build_model(cfg, node, None)
     good = get_adapter(fresh)
     build_model(cfg, node, Instruction(2, node.rank, scaling, good))  # the undamaged factors load

@@ -164,6 +164,11 @@ def load_local_file(path: Path, label_names: Sequence[str] = ()) -> TextData:
         if raw in index:
             labels.append(index[raw])
         elif raw.lstrip("-").isdigit():
+            if label_names and not 0 <= int(raw) < len(label_names):
+                raise ValueError(
+                    f"{path}: row {n} has label {raw}, outside 0..{len(label_names) - 1} (labels has "
+                    f"{len(label_names)} names)"
+                )
             labels.append(int(raw))
         else:
             raise ValueError(f"{path}: row {n} has label {raw!r}, which is neither an integer nor a known label name")

@@ -1,0 +1,200 @@
+"""What differs between the kinds of task a node trains: model, LoRA targets, data, training step, metric.
+
+The rest of a node's work (serve → load at its rank → train, with DP-SGD or not → reply with factors) is one path,
+:mod:`client.node`, parameterised by a :class:`TaskType`:
+
+- :class:`Classification`: a sequence classifier (a preset encoder or a local folder) with a new head
+  (peft ``modules_to_save``); packaged tasks split over simulated nodes, or a node's own JSONL/CSV file; metric:
+  held-out loss and accuracy.
+- :class:`CausalLM`: a causal language model (SmolLM2 or a local folder) on lines of text (the Friends transcripts,
+  one node per main character); metric: held-out perplexity over all tokens and over content tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from peft import PeftModel
+
+from client.causal_lm import (
+    CAUSAL_TARGETS,
+    MAIN_CHARACTERS,
+    CharacterLines,
+    attach_causal_lora,
+    line_perplexities,
+    load_causal_lm,
+    read_friends,
+    resolve_causal_model,
+    split_characters,
+    tokenize_lines,
+    use_causal_rank,
+)
+from client.data import node_data, num_labels_for, tokenize
+from client.model import (
+    LoRASettings,
+    attach_lora,
+    default_targets,
+    load_classifier,
+    reset_adapter_inplace,
+    resolve_model,
+)
+from client.node_settings import NodeSettings
+from client.train import Batch, TrainResult, TrainSettings, evaluate, train
+from common.config import RunConfig
+
+
+@dataclass(frozen=True)
+class NodeBatches:
+    """A node's tokenised training and held-out examples."""
+
+    train: Batch
+    test: Batch
+    num_train: int
+    """Training examples (the node's FedAvg weight)."""
+
+
+class TaskType(ABC):
+    """One kind of task, as the node path needs it."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def model(self, cfg: RunConfig, node: NodeSettings) -> tuple[PeftModel, LoRASettings]:
+        """The base model with LoRA at the node's rank, at the public start (lora_A the shared init, lora_B 0)."""
+
+    @abstractmethod
+    def data(self, cfg: RunConfig, node: NodeSettings) -> NodeBatches:
+        """The node's tokenised examples."""
+
+    @abstractmethod
+    def train(self, model: PeftModel, data: Batch, settings: TrainSettings, device: torch.device) -> TrainResult:
+        """One round's local steps (without DP; DP-SGD is the node path's, for every task type)."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: PeftModel, data: Batch, cfg: RunConfig, device: torch.device
+    ) -> tuple[int, dict[str, float]]:
+        """Held-out examples evaluated, and the metrics (``eval-loss`` and the task's own)."""
+
+
+class Classification(TaskType):
+    """Sequence classification: a fresh model per message, tokenised data cached per process."""
+
+    name: ClassVar[str] = "classification"
+
+    def model(self, cfg: RunConfig, node: NodeSettings) -> tuple[PeftModel, LoRASettings]:
+        """Base classifier (its new head seeded, so every node starts from the same one) + LoRA at the node's rank."""
+        base, _ = load_classifier(resolve_model(node.model), num_labels_for(cfg, node.data), cfg.seed)
+        targets = cfg.lora.target_modules or default_targets(base)
+        settings = lora_settings(cfg, node.rank, targets)
+        return attach_lora(base, settings), settings
+
+    def data(self, cfg: RunConfig, node: NodeSettings) -> NodeBatches:
+        """The node's share (or file), tokenised to ``max-length``."""
+        return _classification_batches(cfg, node, str(resolve_model(node.model)))
+
+    def train(self, model: PeftModel, data: Batch, settings: TrainSettings, device: torch.device) -> TrainResult:
+        """AdamW on the LoRA factors and the head."""
+        return train(model, data, settings, device)
+
+    def evaluate(
+        self, model: PeftModel, data: Batch, cfg: RunConfig, device: torch.device
+    ) -> tuple[int, dict[str, float]]:
+        """Held-out cross-entropy and accuracy."""
+        result = evaluate(model, data, max(cfg.training.batch_size, 32), device)
+        return result.num_examples, {"eval-loss": result.loss, "eval-accuracy": result.accuracy}
+
+
+class CausalLM(TaskType):
+    """Causal language modelling: one base model per process, one peft adapter per rank on it."""
+
+    name: ClassVar[str] = "causal-lm"
+
+    def model(self, cfg: RunConfig, node: NodeSettings) -> tuple[PeftModel, LoRASettings]:
+        """The process's shared model, switched to the node's rank and reset to the public start."""
+        model, _ = _shared_causal_model(node.model, cfg)
+        settings = lora_settings(cfg, node.rank, cfg.lora.target_modules or CAUSAL_TARGETS)
+        use_causal_rank(model, settings)
+        reset_adapter_inplace(model, settings)
+        return model, settings
+
+    def data(self, cfg: RunConfig, node: NodeSettings) -> NodeBatches:
+        """The character's lines, one row per line."""
+        _, tokenizer = _shared_causal_model(node.model, cfg)
+        lines = character_data(cfg, node.partition_id)
+        max_length = cfg.training.max_length
+        return NodeBatches(
+            tokenize_lines(tokenizer, lines.train, max_length), tokenize_lines(tokenizer, lines.test, max_length),
+            len(lines.train),
+        )  # fmt: skip
+
+    def train(self, model: PeftModel, data: Batch, settings: TrainSettings, device: torch.device) -> TrainResult:
+        """AdamW on the LoRA factors, bf16 autocast on CUDA."""
+        return train(model, data, settings, device, bf16_on_cuda=True)
+
+    def evaluate(
+        self, model: PeftModel, data: Batch, cfg: RunConfig, device: torch.device
+    ) -> tuple[int, dict[str, float]]:
+        """Perplexity over every predicted token and over content tokens, with the sums that combine across nodes."""
+        everything, content = line_perplexities(model, data, max(cfg.training.batch_size, 16), device)
+        metrics = {
+            "eval-loss": everything.loss,
+            "eval-perplexity": everything.value,
+            "eval-nll-sum": everything.nll_sum,
+            "eval-tokens": float(everything.tokens),
+            "eval-content-perplexity": content.value,
+            "eval-content-nll-sum": content.nll_sum,
+            "eval-content-tokens": float(content.tokens),
+        }
+        return len(data["input_ids"]), metrics
+
+
+CAUSAL_TASKS = ("friends",)
+"""Packaged tasks that are causal language modelling."""
+
+
+def task_type_for(task: str) -> TaskType:
+    """The task type of a task name or data file (``friends`` or a ``.tab`` transcript file: causal LM)."""
+    if task in CAUSAL_TASKS or task.endswith(".tab"):
+        return CausalLM()
+    return Classification()
+
+
+def lora_settings(cfg: RunConfig, rank: int, targets: tuple[str, ...] | list[str]) -> LoRASettings:
+    """LoRA settings of a node at ``rank`` with these target modules."""
+    return LoRASettings(rank, cfg.lora.lora_alpha, cfg.lora.use_rslora, tuple(targets), cfg.lora.max_rank, cfg.seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _classification_batches(cfg: RunConfig, node: NodeSettings, model_path: str) -> NodeBatches:
+    from transformers import AutoTokenizer
+
+    data = node_data(cfg, node.data, node.partition_id, node.num_partitions)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    max_length = cfg.training.max_length
+    return NodeBatches(
+        tokenize(tokenizer, data.train, max_length), tokenize(tokenizer, data.test, max_length), len(data.train)
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_causal_model(model: str, cfg: RunConfig) -> tuple[PeftModel, object]:
+    """One base model per process, wrapped once; each rank gets its own adapter on it (see use_causal_rank)."""
+    base, tokenizer = load_causal_lm(resolve_causal_model(model))
+    settings = lora_settings(cfg, min(cfg.lora.node_ranks), cfg.lora.target_modules or CAUSAL_TARGETS)
+    return attach_causal_lora(base, settings), tokenizer
+
+
+@functools.lru_cache(maxsize=16)
+def character_data(cfg: RunConfig, partition_id: int) -> CharacterLines:
+    """The lines of node ``partition_id``: ``eval-examples`` held out, ``train-examples`` (0: all) for training."""
+    if not 0 <= partition_id < len(MAIN_CHARACTERS):
+        raise ValueError(f"partition-id {partition_id} is outside 0..{len(MAIN_CHARACTERS) - 1} (one per character)")
+    lines = read_friends(Path(cfg.task) if cfg.task.endswith(".tab") else None)
+    split = split_characters(lines, cfg.data.eval_examples, cfg.data.train_examples, cfg.seed)
+    return split[partition_id]
