@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.aggregation import FactorPair, svd_reproject
+from common.rules.factored_svd import svd_reproject
+from common.rules.factors import FactorPair
 
 CLIENT_RANKS = (4, 8, 16, 32, 64) * 2
 LORA_ALPHA = 16.0

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from simulations.compare import Cell, cell_overlay
-from simulations.compare_cells import parse_set, quiet_warnings, resolved, run_federated, say, set_threads
+from simulations.compare import cell_overlay
+from simulations.compare_cells import Cell, quiet_warnings, resolved, run_federated, say, set_threads
 from simulations.launcher import PROJECT_DIR
+from simulations.simulate import parse_set
 
 HETEROGENEOUS = (2, 4, 4, 8, 8, 16, 16, 32)
 MiB = 1024 * 1024
@@ -38,9 +39,10 @@ def model_shapes(name: str) -> tuple[dict[str, tuple[int, int]], int, int]:
 
     targets: tuple[str, ...]
     if name == "smollm2":
-        from client.causal_lm import CAUSAL_TARGETS, SMOLLM2_DISTRIBUTION, SMOLLM2_GGUF, packaged_path
+        from client.causal_lm import CAUSAL_TARGETS, SMOLLM2_DISTRIBUTION, SMOLLM2_GGUF
+        from client.tasks import packaged_file
 
-        gguf = packaged_path(SMOLLM2_DISTRIBUTION, SMOLLM2_GGUF)
+        gguf = packaged_file(SMOLLM2_DISTRIBUTION, SMOLLM2_GGUF)
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -78,8 +80,8 @@ def bytes_table(name: str, ranks: Sequence[int]) -> dict[str, Any]:
 
 def aggregation_times(name: str, ranks: Sequence[int], repeats: int = 3) -> dict[str, float]:
     """Median seconds of one ``GlobalAdapter.aggregate`` per rule, random factors with the model's shapes."""
-    from client.model import shared_lora_a
-    from common.lora import lora_scaling
+    from common.lora import lora_scaling, seeded_lora_a
+    from common.rules.registry import RULE_NAMES, get_rule
     from common.updates import AdapterFactors, NodeInfo, TrainReply
     from server.global_adapter import GlobalAdapter
 
@@ -88,14 +90,16 @@ def aggregation_times(name: str, ranks: Sequence[int], repeats: int = 3) -> dict
     replies = []
     for i, r in enumerate(ranks):
         lora = {
-            m: (shared_lora_a(0, m, r, inn, 64), (0.01 * rng.standard_normal((out, r))).astype(np.float32))
+            m: (seeded_lora_a(0, m, r, inn, 64), (0.01 * rng.standard_normal((out, r))).astype(np.float32))
             for m, (out, inn) in shapes.items()
         }
         replies.append(TrainReply(AdapterFactors(lora), 100 + i, NodeInfo(r, lora_scaling(16.0, r))))
     times = {}
-    for rule in ("svd", "fedavg", "ffa"):
-        runs = [GlobalAdapter(rule, 64).aggregate(replies, sorted(set(ranks))).seconds for _ in range(repeats)]
-        times[rule] = statistics.median(runs)
+    for name in RULE_NAMES:
+        runs = [
+            GlobalAdapter(get_rule(name), 64).aggregate(replies, sorted(set(ranks))).seconds for _ in range(repeats)
+        ]
+        times[name] = statistics.median(runs)
     return times
 
 
@@ -105,13 +109,14 @@ def back_to_back_seconds(cfg: Any, num_nodes: int, steps: int) -> float:
 
     from client.data import pooled_data, tokenize
     from client.model import resolve_model
-    from client.node import NodeSettings, build_model
+    from client.node import build_model
+    from client.node_settings import NodeSettings
     from client.train import TrainSettings, pick_device, train
 
     node = NodeSettings.from_node_config(cfg, {"partition-id": 0, "num-partitions": num_nodes, "lora-rank": 8})
     model, _ = build_model(cfg, node, None)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
-    batch = tokenize(tokenizer, pooled_data(cfg, cfg.task, num_nodes).train, cfg.max_length)
+    batch = tokenize(tokenizer, pooled_data(cfg, cfg.task, num_nodes).train, cfg.training.max_length)
     started = time.perf_counter()
     train(
         model,
@@ -130,7 +135,7 @@ def measured_run(scale: str, extra: dict[str, Any], out: Path) -> dict[str, Any]
     overlay = cell_overlay(scale, Cell("svd", "heterogeneous", "iid", 0), extra=extra)
     cfg, num_nodes = resolved(overlay, out / "run")
     out.mkdir(parents=True, exist_ok=True)
-    say(f"bench: Flower simulation, {num_nodes} nodes, {cfg.num_rounds} rounds × {cfg.local_steps} steps")
+    say(f"bench: Flower simulation, {num_nodes} nodes, {cfg.num_rounds} rounds × {cfg.training.local_steps} steps")
     started = time.perf_counter()
     rows = run_federated(overlay, out, lambda line: say(f"    {line}"))
     flower = time.perf_counter() - started
@@ -144,7 +149,7 @@ def measured_run(scale: str, extra: dict[str, Any], out: Path) -> dict[str, Any]
             "seconds": time.perf_counter() - started,
             "accuracy": [r.weighted("eval-accuracy") for r in rounds],
         }
-    steps = cfg.num_rounds * num_nodes * cfg.local_steps
+    steps = cfg.num_rounds * num_nodes * cfg.training.local_steps
     say(f"bench: {steps} optimizer steps back to back")
     return {
         "settings": {**overlay, "steps": steps},
@@ -239,7 +244,7 @@ def plot(tables: Sequence[dict[str, Any]], agg: dict[str, dict[str, float]], pat
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the figures and write ``communication.md``."""
-    from server.export import write_json_atomic
+    from common.atomic_file import write_json_atomic
 
     parser = argparse.ArgumentParser(prog="python -m simulations.bench_comm", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=("tiny", "small", "full"), default="small", help="scale of the measured run")

@@ -21,7 +21,7 @@ from simulations.simulate import add_run_flags, resolve_run
 
 def total_steps(cfg: RunConfig, nodes: int) -> tuple[int, int]:
     """(steps per round-equivalent, total steps) matching a federated run of ``nodes`` nodes."""
-    per_round = max(1, math.ceil(cfg.fraction_train * nodes)) * cfg.local_steps
+    per_round = max(1, math.ceil(cfg.reliability.fraction_train * nodes)) * cfg.training.local_steps
     return per_round, per_round * cfg.num_rounds
 
 
@@ -29,26 +29,27 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
     """Train on the pooled data, evaluate after every round-equivalent, write the outputs; return the rows."""
     # Imported here so that `fedlora --help` and input errors do not pay for torch and transformers.
     from client.data import pooled_data, tokenize
-    from client.model import attach_lora, get_adapter, load_classifier, resolve_model
-    from client.node import lora_settings
+    from client.model import attach_lora, default_targets, get_adapter, load_classifier, resolve_model
+    from client.task_types import lora_settings
     from client.train import TrainSettings, evaluate, pick_device, train
-    from server.export import plot_metrics, save_peft_adapter, write_json_atomic, write_metrics
+    from common.atomic_file import write_json_atomic
+    from server.export import plot_metrics, save_peft_adapter, write_metrics
 
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", {"mode": "centralized", "num-nodes": nodes, **cfg.to_mapping()})
     data = pooled_data(cfg, cfg.task, nodes)
     base, tokenizer = load_classifier(resolve_model(cfg.model), data.num_labels, cfg.seed)
-    settings = lora_settings(cfg, max(cfg.node_ranks[:nodes] or cfg.node_ranks), base)
+    rank = max(cfg.lora.node_ranks[:nodes] or cfg.lora.node_ranks)
+    settings = lora_settings(cfg, rank, cfg.lora.target_modules or default_targets(base))
     model = attach_lora(base, settings)
-    train_batch = tokenize(tokenizer, data.train, cfg.max_length)
-    test_batch = tokenize(tokenizer, data.test, cfg.max_length)
+    train_batch, test_batch = (tokenize(tokenizer, d, cfg.training.max_length) for d in (data.train, data.test))
     device = pick_device()
     per_round, steps = total_steps(cfg, nodes)
     rows: list[dict[str, Any]] = []
 
     def record(step: int, train_loss: float | None) -> None:
-        result = evaluate(model, test_batch, max(cfg.batch_size, 32), device)
+        result = evaluate(model, test_batch, max(cfg.training.batch_size, 32), device)
         row = {
             "round": step // per_round,
             "step": step,
@@ -65,26 +66,33 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
 
     record(0, None)
     schedule = dataclasses.replace(
-        TrainSettings.from_config(cfg, steps, cfg.seed), learning_rate=cfg.baseline_learning_rate
+        TrainSettings.from_config(cfg, steps, cfg.seed), learning_rate=cfg.training.baseline_learning_rate
     )
     train(model, train_batch, schedule, device, every=per_round, callback=record)
     save_peft_adapter(out_dir / "adapter", get_adapter(model), settings.rank, cfg, cfg.model)
     plot_metrics(rows, out_dir / "metrics.png", f"centralized LoRA r={settings.rank}")
+    write_summary(
+        out_dir, rows, f"centralized LoRA r={settings.rank} on the pooled data of {nodes} nodes, {steps} steps", started
+    )
+    return rows
+
+
+def write_summary(out_dir: Path, rows: list[dict[str, Any]], title: str, started: float) -> None:
+    """``summary.txt``: what ran, the accuracy before and after, the wall time."""
     lines = [
-        f"centralized LoRA r={settings.rank} on the pooled data of {nodes} nodes, {steps} steps",
+        title,
         f"round-0 accuracy: {rows[0]['eval_accuracy']:.4f}",
         f"final accuracy:   {rows[-1]['eval_accuracy']:.4f}",
         f"wall time: {time.time() - started:.0f} s",
     ]
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return rows
 
 
 def centralized(args: argparse.Namespace) -> int:
     """``fedlora centralized``."""
     cfg, _, nodes = resolve_run(args)
-    rows = run_centralized(cfg, nodes, Path(cfg.out_dir))
-    print((Path(cfg.out_dir) / "summary.txt").read_text(encoding="utf-8"), end="")
+    rows = run_centralized(cfg, nodes, Path(cfg.output.out_dir))
+    print((Path(cfg.output.out_dir) / "summary.txt").read_text(encoding="utf-8"), end="")
     return 0 if rows else 1
 
 

@@ -17,7 +17,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "dashboard": ("server.dashboard.cli", "serve the coordinator dashboard over a run store"),
     "certs": ("server.certs", "create a CA, SuperLink certificate and node keys"),
     "client": ("client.device", "join a federation from this device (starts a SuperNode)"),
-    "submit": ("server.submit", "submit a run to a SuperLink and wait for its final status"),
+    "submit": ("simulations.submit", "submit a run to a SuperLink and wait for its final status"),
 }
 """Commands whose own parser lives in another module; the rest of the command line is passed on untouched."""
 

@@ -29,17 +29,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.compare_cells import format_duration, parse_set, quiet_warnings, run_cell, say, set_threads
+from common.rules.registry import RULE_NAMES
+from simulations.compare_cells import BASELINES, Cell, format_duration, quiet_warnings, run_cell, say, set_threads
 from simulations.launcher import PROJECT_DIR
-from simulations.simulate import read_overlay
+from simulations.simulate import parse_set, read_overlay
 
 EXPERIMENTS = PROJECT_DIR / "simulations" / "experiments"
-RULES = ("svd", "fedavg", "ffa")
-BASELINES = ("centralized", "local")
 RANK_SETTINGS = ("homogeneous", "heterogeneous")
 DATA_SPLITS = ("iid", "dirichlet", "two-labels")
 SCALES = ("tiny", "small", "full")
@@ -47,36 +45,16 @@ RESULT_FILE = "result.json"
 ENGINES = ("flower", "inprocess")
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One run of the matrix: a method (rule or baseline) on one rank setting, data split and seed."""
-
-    method: str
-    ranks: str
-    data: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        """Folder name, e.g. ``svd-heterogeneous-dirichlet-s0``."""
-        return f"{self.method}-{self.ranks}-{self.data}-s{self.seed}"
-
-    @property
-    def kind(self) -> str:
-        """``federated``, ``centralized`` or ``local`` (what runs it, and whose times predict its duration)."""
-        return "federated" if self.method in RULES else self.method
-
-
 def plan(
     seeds: Sequence[int],
-    methods: Sequence[str] = (*RULES, *BASELINES),
+    methods: Sequence[str] = (*RULE_NAMES, *BASELINES),
     ranks: Sequence[str] = RANK_SETTINGS,
     data: Sequence[str] = DATA_SPLITS,
 ) -> list[Cell]:
     """Every cell, seed-major so that a partial matrix has whole seeds of every configuration."""
     for method in methods:
-        if method not in (*RULES, *BASELINES):
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join((*RULES, *BASELINES))}")
+        if method not in (*RULE_NAMES, *BASELINES):
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join((*RULE_NAMES, *BASELINES))}")
     return [Cell(m, r, d, s) for s in seeds for r in ranks for d in data for m in methods]
 
 
@@ -89,7 +67,7 @@ def cell_overlay(
         overlay.update(read_overlay(experiments / f"{name}.toml"))
     overlay.update(extra or {})
     overlay["seed"] = cell.seed
-    if cell.method in RULES:
+    if cell.method in RULE_NAMES:
         overlay["rule"] = cell.method
     return overlay
 
@@ -146,7 +124,7 @@ def run_matrix(
     echo: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run the cells that have no current result; return every result (old and new) and the failures."""
-    from server.export import write_json_atomic
+    from common.atomic_file import write_json_atomic
 
     echo = echo or say
     results: dict[str, dict[str, Any]] = {}
@@ -202,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=SCALES, default="tiny", help="overlay simulations/experiments/scale-*.toml")
     parser.add_argument("--seeds", type=seed_list, default="3", help="N (seeds 0..N-1, default 3) or a list: 0,2,3")
-    parser.add_argument("--methods", default=",".join((*RULES, *BASELINES)), help="comma-separated rules/baselines")
+    parser.add_argument(
+        "--methods", default=",".join((*RULE_NAMES, *BASELINES)), help="comma-separated rules/baselines"
+    )
     parser.add_argument("--ranks", default=",".join(RANK_SETTINGS), help="comma-separated rank settings")
     parser.add_argument("--data", default=",".join(DATA_SPLITS), help="comma-separated data splits")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")

@@ -13,17 +13,38 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tomli_w
 
 from simulations.launcher import PROJECT_DIR
 from simulations.simulate import merged_config
 
-if TYPE_CHECKING:
-    from simulations.compare import Cell
+BASELINES = ("centralized", "local")
+"""The non-federated methods of the matrix (every other method is a rule, :data:`common.rules.registry.RULE_NAMES`)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the matrix: a method (rule or baseline) on one rank setting, data split and seed."""
+
+    method: str
+    ranks: str
+    data: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Folder name, e.g. ``svd-heterogeneous-dirichlet-s0``."""
+        return f"{self.method}-{self.ranks}-{self.data}-s{self.seed}"
+
+    @property
+    def kind(self) -> str:
+        """``federated``, ``centralized`` or ``local`` (what runs it, and whose times predict its duration)."""
+        return self.method if self.method in BASELINES else "federated"
 
 
 def say(line: str) -> None:
@@ -50,22 +71,6 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` overrides with TOML values (bare words become strings)."""
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def set_threads(threads: int) -> None:
     """Use ``threads`` torch threads here and in every process started from here (Flower's node processes)."""
     import torch
@@ -84,7 +89,7 @@ def resolved(overlay: dict[str, Any], out_dir: Path) -> tuple[Any, int]:
     merged, num_nodes = merged_config(overlay, {})
     merged["out-dir"] = str(out_dir.resolve())
     cfg = RunConfig.from_mapping(merged)
-    return cfg, num_nodes if num_nodes is not None else len(cfg.node_ranks)
+    return cfg, num_nodes if num_nodes is not None else len(cfg.lora.node_ranks)
 
 
 def run_federated(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -150,7 +155,8 @@ def run_centralized_cell(overlay: dict[str, Any], cell_dir: Path) -> list[dict[s
 def run_local_cell(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """Each node alone: the federated node recipe without aggregation; node metrics averaged per round."""
     from client.node import evaluate_node, node_info, train_node
-    from common.updates import AdapterFactors, Instruction
+    from common.updates import AdapterFactors, weighted_metric
+    from server.engine import make_instruction
     from simulations.inprocess import simulated_nodes
 
     cfg, num_nodes = resolved(overlay, cell_dir / "run")
@@ -163,18 +169,14 @@ def run_local_cell(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str]
         for node in nodes:
             info = node_info(cfg, node)
             if rnd > 0:
-                previous = own.get(node.partition_id)
-                ins = Instruction(rnd, info.rank if previous else 0, info.scaling, previous)
+                ins = make_instruction(rnd, info, own.get(node.partition_id), freeze_lora_A=False)
                 own[node.partition_id] = train_node(cfg, node, ins).adapter
-            adapter = own.get(node.partition_id)
-            evaluations.append(
-                evaluate_node(cfg, node, Instruction(rnd, info.rank if adapter else 0, info.scaling, adapter))
-            )
-        total = sum(e.num_examples for e in evaluations)
+            ins = make_instruction(rnd, info, own.get(node.partition_id), freeze_lora_A=False)
+            evaluations.append(evaluate_node(cfg, node, ins))
         row = {
             "round": rnd,
-            "eval_accuracy": sum(e.metrics["eval-accuracy"] * e.num_examples for e in evaluations) / total,
-            "eval_loss": sum(e.metrics["eval-loss"] * e.num_examples for e in evaluations) / total,
+            "eval_accuracy": weighted_metric(evaluations, "eval-accuracy"),
+            "eval_loss": weighted_metric(evaluations, "eval-loss"),
             "eval_accuracy_node_mean": statistics.fmean(e.metrics["eval-accuracy"] for e in evaluations),
             "seconds": round(time.time() - started, 1),
         }

@@ -143,6 +143,20 @@ def engines(results: Sequence[dict[str, Any]]) -> str:
     return " + ".join(used) or "n/a"
 
 
+BASELINE_NOTES = (
+    "- **centralized**: one LoRA at the largest node rank on the pooled data of all nodes, with the federated",
+    "  run's total optimizer steps (rounds × nodes × local steps) and one schedule; evaluated on the union of",
+    "  the nodes' held-out splits.",
+    "- **local-only**: every node trains alone at its own rank with the same recipe as a federated node",
+    "  (rounds × local steps, optimizer restarted each round) and is evaluated on its own held-out split; no",
+    "  aggregation. Example-weighted over nodes.",
+    "- A node's held-out split is drawn from the test set with the same partitioner and seed as its training",
+    "  share, so under label skew a local-only model is tested on the few labels it trained on, while the one",
+    "  global adapter has to serve every node's labels.",
+)
+"""What the report says about the baselines and the held-out splits."""
+
+
 def write_report(
     results: Sequence[dict[str, Any]],
     scale: str,
@@ -175,15 +189,7 @@ def write_report(
         "",
         *accuracy_table(results),
         "",
-        "- **centralized**: one LoRA at the largest node rank on the pooled data of all nodes, with the federated",
-        "  run's total optimizer steps (rounds × nodes × local steps) and one schedule; evaluated on the union of",
-        "  the nodes' held-out splits.",
-        "- **local-only**: every node trains alone at its own rank with the same recipe as a federated node",
-        "  (rounds × local steps, optimizer restarted each round) and is evaluated on its own held-out split; no",
-        "  aggregation. Example-weighted over nodes.",
-        "- A node's held-out split is drawn from the test set with the same partitioner and seed as its training",
-        "  share, so under label skew a local-only model is tested on the few labels it trained on, while the one",
-        "  global adapter has to serve every node's labels.",
+        *BASELINE_NOTES,
         f"- Federated cells: {ENGINE_TEXT.get(engines(results), engines(results))}. The numbers are as measured,",
         "  including where a rule we favour loses.",
         "",

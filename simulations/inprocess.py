@@ -1,16 +1,18 @@
-"""Federated rounds in one process: the coordinator's real aggregation code, the nodes' real functions, no transport.
+"""Federated rounds in one process: the coordinator's round engine and the nodes' real functions, no transport.
 
-This is what a Flower run does, minus messages and processes: each round every node gets the global adapter at
-its own rank (``GlobalAdapter.serve``), trains with ``train_fn`` (``client.node.train_node`` or
-``client.causal_lm.train_causal_node``), the replies are aggregated by ``GlobalAdapter.aggregate`` with the run's
-rule, and every node evaluates the new global adapter with ``evaluate_fn``. Round 0 evaluates the untrained model.
+This is what a Flower run does, minus messages and processes: the same :class:`server.engine.RoundEngine` samples
+the nodes, serves each the global adapter at its own rank, validates the replies of ``train_fn``
+(:func:`client.node.train_node`) and aggregates them with the run's rule, and every node evaluates the new global
+adapter with ``evaluate_fn``. Node ids are partition ids. Round 0 evaluates the untrained model.
 
-It serves the experiments that need something a Flower run does not offer: the LLM preset (the ClientApp serves
-sequence classification only), a bf16 transport of the factors, and timing the same work without Flower.
+It serves the experiments that need something a Flower run does not offer: a bf16 transport of the factors, timing
+the same work without Flower, and rounds of a model too slow to start a process per message on a CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,10 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from client.node import NodeSettings, node_info
+from client.node import node_info
+from client.node_settings import NodeSettings
 from common.config import RunConfig
-from common.updates import AdapterFactors, EvaluateReply, Instruction, TrainReply
-from server.global_adapter import GlobalAdapter
+from common.updates import AdapterFactors, EvaluateReply, Instruction, TrainReply, weighted_metric
+from server.engine import RoundEngine
 
 TrainFn = Callable[[RunConfig, NodeSettings, Instruction], TrainReply]
 EvaluateFn = Callable[[RunConfig, NodeSettings, Instruction], EvaluateReply]
@@ -38,12 +41,12 @@ class RoundResult:
     bytes_up_per_node: list[int] = field(default_factory=list)
     aggregation_seconds: float = 0.0
     seconds: float = 0.0
+    skipped: str | None = None
 
     def weighted(self, key: str) -> float:
-        """Example-weighted mean of an evaluation metric over nodes."""
-        pairs = [(r.metrics[key], r.num_examples) for r in self.evaluations if key in r.metrics]
-        total = sum(n for _, n in pairs)
-        return sum(v * n for v, n in pairs) / total if total else float("nan")
+        """Example-weighted mean of an evaluation metric over nodes (NaN when none reports it)."""
+        value = weighted_metric(self.evaluations, key)
+        return math.nan if value is None else value
 
 
 def float32_transport(adapter: AdapterFactors) -> AdapterFactors:
@@ -66,18 +69,23 @@ def wire_bytes(adapter: AdapterFactors, bytes_per_value: int = 4) -> int:
     return sum(int(v.size) * bytes_per_value for v in adapter.to_state_dict().values())
 
 
+def _sent(ins: Instruction, transport: Transport) -> Instruction:
+    return ins if ins.adapter is None else dataclasses.replace(ins, adapter=transport(ins.adapter))
+
+
 def evaluate_all(
-    cfg: RunConfig, nodes: Sequence[NodeSettings], evaluate_fn: EvaluateFn, global_adapter: GlobalAdapter, rnd: int
+    engine: RoundEngine, nodes: Sequence[NodeSettings], evaluate_fn: EvaluateFn, rnd: int
 ) -> list[EvaluateReply]:
-    """Every node evaluates the global adapter at its own rank."""
-    replies = []
-    for node in nodes:
-        info = node_info(cfg, node)
-        adapter = global_adapter.serve(info.rank, info.scaling)
-        known = adapter is not None
-        ins = Instruction(rnd, info.rank if known else 0, info.scaling if known else 1.0, adapter)
-        replies.append(evaluate_fn(cfg, node, ins))
-    return replies
+    """Every node evaluates the global adapter at its own rank (as the coordinator holds it, not as a transport
+    would deliver it); the engine records the round's eval metrics."""
+    instructions = engine.instructions([n.partition_id for n in nodes], rnd, train=False)
+    replies = {
+        node.partition_id: evaluate_fn(engine.cfg, node, instructions[node.partition_id])
+        for node in nodes
+        if node.partition_id in instructions
+    }
+    engine.aggregate_evaluate(rnd, replies, replies)
+    return list(replies.values())
 
 
 def run_rounds(
@@ -89,37 +97,39 @@ def run_rounds(
     on_round: Callable[[RoundResult], None] | None = None,
     evaluate_every_round: bool = True,
 ) -> list[RoundResult]:
-    """Round 0 (evaluation only), then ``cfg.num_rounds`` rounds of train → aggregate → evaluate.
+    """Round 0 (evaluation only), then ``cfg.num_rounds`` rounds of sample → train → aggregate → evaluate.
 
     With ``evaluate_every_round`` False only round 0 and the last round are evaluated (the others report no
     evaluations), which saves time where evaluation is expensive (a causal LM on a CPU).
     """
-    global_adapter = GlobalAdapter.from_config(cfg)
-    ranks = sorted({node.rank for node in nodes})
+    engine = RoundEngine(cfg)
+    by_id = {node.partition_id: node for node in nodes}
+    for node in nodes:
+        engine.remember(node.partition_id, node_info(cfg, node), 0)
     started = time.perf_counter()
-    results = [RoundResult(0, evaluate_all(cfg, nodes, evaluate_fn, global_adapter, 0))]
+    engine.begin(0)
+    results = [RoundResult(0, evaluate_all(engine, nodes, evaluate_fn, 0))]
     results[0].seconds = time.perf_counter() - started
     if on_round is not None:
         on_round(results[0])
     for rnd in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
-        replies = []
-        for node in nodes:
-            info = node_info(cfg, node)
-            served = global_adapter.serve(info.rank, info.scaling)
-            down = transport(served) if served is not None else None
-            known = down is not None
-            ins = Instruction(rnd, info.rank if known else 0, info.scaling if known else 1.0, down, cfg.rule == "ffa")
-            reply = train_fn(cfg, node, ins)
-            replies.append(TrainReply(transport(reply.adapter), reply.num_examples, reply.node, reply.metrics))
-        aggregate = global_adapter.aggregate(replies, ranks)
+        outcome = engine.begin(rnd)
+        outcome.available = len(nodes)
+        sampled = engine.sample(sorted(by_id), cfg.reliability.fraction_train)
+        replies = {}
+        for node_id, ins in engine.instructions(sampled, rnd, train=True).items():
+            reply = train_fn(cfg, by_id[node_id], _sent(ins, transport))
+            replies[node_id] = dataclasses.replace(reply, adapter=transport(reply.adapter))
+        engine.aggregate_train(replies, [])
         evaluate = evaluate_every_round or rnd == cfg.num_rounds
         result = RoundResult(
             rnd,
-            evaluate_all(cfg, nodes, evaluate_fn, global_adapter, rnd) if evaluate else [],
-            [r.metrics for r in replies],
-            [r.adapter.nbytes for r in replies],
-            aggregate.seconds,
+            evaluate_all(engine, nodes, evaluate_fn, rnd) if evaluate else [],
+            [r.metrics for r in replies.values()],
+            [r.adapter.nbytes for r in replies.values()],
+            outcome.aggregation_seconds,
+            skipped=outcome.skipped,
         )
         result.seconds = time.perf_counter() - started
         results.append(result)

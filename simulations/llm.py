@@ -5,10 +5,10 @@ trains LoRA on q/k/v/o projections on its character's lines and reports the perp
 before (round 0: the base model, since lora_B = 0) and after federated training, per node and overall
 (exp(Σ NLL / Σ tokens) over every node's held-out tokens).
 
-The rounds run in this process (``simulations.inprocess``): the coordinator's real ``GlobalAdapter`` and
-aggregation rule, the node functions ``client.causal_node.train_causal_node`` / ``evaluate_causal_node``, and no
-Flower transport (the ClientApp dispatches to sequence classification only). Device: CUDA with bf16 autocast when
-present (and ``llm-friends-gpu.toml`` unless ``--config`` is given), else the CPU in float32.
+The rounds run in this process (``simulations.inprocess``): the coordinator's real round engine and aggregation
+rule, the one node path of ``client.node`` (task type ``client.task_types.CausalLM``), and no Flower transport.
+Device: CUDA with bf16 autocast when present (and ``llm-friends-gpu.toml`` unless ``--config`` is given), else the
+CPU in float32.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from simulations.compare import EXPERIMENTS
-from simulations.compare_cells import parse_set, quiet_warnings, say, set_threads
+from simulations.compare_cells import quiet_warnings, say, set_threads
 from simulations.launcher import PROJECT_DIR
-from simulations.simulate import merged_config, read_overlay
+from simulations.simulate import merged_config, parse_set, read_overlay
 
 CPU_CONFIG = EXPERIMENTS / "llm-friends.toml"
 GPU_CONFIG = EXPERIMENTS / "llm-friends-gpu.toml"
@@ -134,8 +134,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "Content tokens leave out each line's first word and its end-of-line token, where part of the drop is the",
         "model learning the one-line-per-example format rather than the character's language.",
         "",
-        "Rounds run in one process with the coordinator's aggregation code (`server.global_adapter.GlobalAdapter`)",
-        "and the node functions of `client/causal_node.py`; the numbers are as measured.",
+        "Rounds run in one process with the coordinator's round engine (`server.engine.RoundEngine`) and the one node",
+        "path of `client/node.py` (task type `client.task_types.CausalLM`); the numbers are as measured.",
         "",
     ]
     return "\n".join(lines)
@@ -144,10 +144,9 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the preset, print the per-node table, write ``llm-friends.md`` and ``.json``."""
     from client.causal_lm import MAIN_CHARACTERS, resolve_causal_model, smollm2_cache_folder
-    from client.causal_node import character_data, evaluate_causal_node, train_causal_node
-    from client.node import device_summary
+    from client.node import device_summary, evaluate_node, train_node
+    from client.task_types import character_data
     from client.train import pick_device
-    from server.export import write_json_atomic
     from simulations.inprocess import RoundResult, run_rounds, simulated_nodes
 
     args = build_parser().parse_args(argv)
@@ -169,11 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             say(f"llm: round {result.round} trained in {result.seconds:.0f} s")
 
-    rounds = run_rounds(
-        cfg, nodes, train_causal_node, evaluate_causal_node, on_round=progress, evaluate_every_round=args.every_round
-    )
+    rounds = run_rounds(cfg, nodes, train_node, evaluate_node, on_round=progress, evaluate_every_round=args.every_round)
     before, after = rounds[0].evaluations, rounds[-1].evaluations
-    train_lines = [len(character_data(cfg, n.partition_id).train) for n in nodes]
     summary = {
         "command": " ".join(["python -m simulations.llm", *(argv if argv is not None else sys.argv[1:])]),
         "config": str(config.relative_to(PROJECT_DIR)) if config.is_relative_to(PROJECT_DIR) else str(config),
@@ -187,21 +183,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overall_after": overall(after),
         "overall_content_before": overall(before, "content-"),
         "overall_content_after": overall(after, "content-"),
-        "nodes": node_rows(before, after, train_lines),
+        "nodes": node_rows(before, after, [len(character_data(cfg, n.partition_id).train) for n in nodes]),
         "rounds": [
             {"round": r.round, "seconds": r.seconds, "perplexity": overall(r.evaluations) if r.evaluations else None}
             for r in rounds
         ],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "summary.json", summary)
-    text = markdown(summary)
-    if args.results:
-        args.results.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.results / "llm-friends.json", summary)
-        (args.results / "llm-friends.md").write_text(text, encoding="utf-8")
-    print(text)
+    write_outputs(summary, args.out, args.results)
     return 0 if summary["overall_after"] < summary["overall_before"] else 1
+
+
+def write_outputs(summary: dict[str, Any], out: Path, results: Path | None) -> None:
+    """``summary.json`` in the run folder; ``llm-friends.md`` and ``.json`` in the report folder; the report printed."""
+    from common.atomic_file import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "summary.json", summary)
+    text = markdown(summary)
+    if results:
+        results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(results / "llm-friends.json", summary)
+        (results / "llm-friends.md").write_text(text, encoding="utf-8")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """Fail fast, before any process starts, on a model or data source that cannot be found."""
     from client.data import is_local_file
     from client.model import PRESETS, resolve_model
-    from simulations.tasks import load_task
+    from client.tasks import load_task
 
     if cfg.model not in PRESETS:
         resolve_model(cfg.model)
@@ -92,15 +93,22 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
             flags[key] = getattr(args, name)
     if getattr(args, "nodes", None) is not None:
         flags["num-nodes"] = args.nodes
-    for item in args.set:
+    flags.update(parse_set(args.set))
+    return flags
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` overrides, the value read as TOML (a bare word that is not TOML becomes a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         try:
-            flags[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            flags[key.strip()] = value
-    return flags
+            out[key.strip()] = value
+    return out
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], int]:
@@ -111,11 +119,11 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], in
     merged["out-dir"] = str(out.resolve())
     cfg = RunConfig.from_mapping(merged)
     check_inputs(cfg)
-    nodes = num_nodes if num_nodes is not None else len(cfg.node_ranks)
+    nodes = num_nodes if num_nodes is not None else len(cfg.lora.node_ranks)
     if nodes < 1:
         raise UsageError(f"--nodes must be at least 1, got {nodes}")
-    if nodes < cfg.min_nodes:
-        raise UsageError(f"--nodes {nodes} is fewer than min-nodes {cfg.min_nodes}")
+    if nodes < cfg.reliability.min_nodes:
+        raise UsageError(f"--nodes {nodes} is fewer than min-nodes {cfg.reliability.min_nodes}")
     return cfg, merged, nodes
 
 
@@ -127,7 +135,7 @@ def run_deadline(cfg: RunConfig) -> float:
     phase (before sampling a subset, before sending factors); ``round-timeout`` for the train replies and again for
     the evaluate replies. Round 0 (evaluation only) counts as a round.
     """
-    per_round = 4 * cfg.round_timeout + 4 * min(cfg.round_timeout, 120.0) + ROUND_SLACK_S
+    per_round = 4 * cfg.reliability.round_timeout + 4 * min(cfg.reliability.round_timeout, 120.0) + ROUND_SLACK_S
     return STARTUP_ALLOWANCE_S + (cfg.num_rounds + 1) * per_round
 
 
@@ -135,7 +143,7 @@ def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool, cp
     """Run the federation, echoing per-round progress; 0 when the run completed."""
     if cpus_per_node < 1:
         raise UsageError(f"--cpus-per-node must be at least 1, got {cpus_per_node}")
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.output.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     launch_info = {"num-nodes": nodes, "cpus-per-node": cpus_per_node}
     (out_dir / "launch.json").write_text(json.dumps(launch_info) + "\n", encoding="utf-8")
@@ -185,7 +193,7 @@ def resume(args: argparse.Namespace) -> int:
     print(f"fedlora: resuming from {checkpoint.path.name} (after round {checkpoint.server_round})", flush=True)
     launch_file = run_dir / "launch.json"
     previous = json.loads(launch_file.read_text(encoding="utf-8")) if launch_file.is_file() else {}
-    nodes = args.nodes or int(previous.get("num-nodes", len(RunConfig.from_mapping(merged).node_ranks)))
+    nodes = args.nodes or int(previous.get("num-nodes", len(RunConfig.from_mapping(merged).lora.node_ranks)))
     cpus = args.cpus_per_node or int(previous.get("cpus-per-node", DEFAULT_CPUS_PER_NODE))
     return launch(RunConfig.from_mapping(merged), merged, nodes, args.verbose, cpus)
 

@@ -12,7 +12,7 @@ from simulations.compare import (
     BASELINES,
     EXPERIMENTS,
     RESULT_FILE,
-    RULES,
+    RULE_NAMES,
     Cell,
     cell_overlay,
     eta_seconds,
@@ -53,7 +53,7 @@ class FakeRunner:
 
 def test_plan_covers_the_matrix_with_unique_names() -> None:
     cells = plan(range(3))
-    assert len(cells) == (len(RULES) + len(BASELINES)) * 2 * 3 * 3
+    assert len(cells) == (len(RULE_NAMES) + len(BASELINES)) * 2 * 3 * 3
     assert len({c.name for c in cells}) == len(cells)
     assert Cell("svd", "heterogeneous", "two-labels", 2).name == "svd-heterogeneous-two-labels-s2"
     assert {c.kind for c in cells} == {"federated", "centralized", "local"}
