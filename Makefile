@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedlora-installed
 
-.PHONY: setup demo baseline test lint bench clean
+.PHONY: setup demo baseline test check lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: setup
 # --no-loadscope-reorder keeps the longest-first module order of tests/conftest.py.
 test: lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15
+
+# The fast loop: lint, types, and every test that needs no simulation, deployment or browser (about 2 minutes).
+check: lint
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 bench: setup
 	$(BIN)/python -m simulations.bench_aggregation

@@ -120,6 +120,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def is_heavy(item: pytest.Item) -> bool:
         return item.get_closest_marker("slow") is not None or "tiny_simulation" in getattr(item, "fixturenames", ())
 
+    for item in items:
+        if "tiny_simulation" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)  # it runs a real simulation: not part of `make check`
     heavy = {item.path for item in items if is_heavy(item)}
 
     def rank(item: pytest.Item) -> int:

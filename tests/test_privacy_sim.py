@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from conftest import TINY_SETTINGS, SimulationRun, run_fedlora, settings_flags
 
 from client.privacy import STATE_DIR_ENV
 from common.accounting import PrivacyLedger, compose_epsilon
-from common.config import RunConfig
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +38,6 @@ def simulate_private(tmp: Path, **overrides: Any) -> SimulationRun:
 def stored_epsilons(run: SimulationRun) -> list[float | None]:
     with sqlite3.connect(run.store) as db:
         return [row[0] for row in db.execute("SELECT epsilon FROM rounds ORDER BY server_round")]
-
-
-def central_dp_is_wired() -> bool:
-    """Whether the strategy builds its global adapter from the config (``GlobalAdapter.from_config``)."""
-    from server.recorder import RunRecorder
-    from server.strategy import LoRAStrategy
-
-    cfg = RunConfig(dp="central", noise_multiplier=1.0)
-    return LoRAStrategy(cfg, cast(RunRecorder, None)).global_adapter.central_dp is not None
 
 
 # --- local DP ----------------------------------------------------------------------------------------------------
@@ -83,8 +73,6 @@ def test_local_dp_sends_peft_keys_only(local_dp: SimulationRun) -> None:
 # --- central DP --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def central_dp(tmp_path_factory: pytest.TempPathFactory) -> SimulationRun:
-    if not central_dp_is_wired():
-        pytest.skip("server/strategy.py does not build GlobalAdapter.from_config(cfg) yet, so dp='central' is not used")
     overrides = {"dp": "central", "noise-multiplier": 0.8, "clip-norm": 0.5, "noise-seed": 11}
     return simulate_private(tmp_path_factory.mktemp("central-dp"), **overrides)
 
