@@ -274,3 +274,21 @@ def test_clipped_then_noised_svd_round_trip_is_finite_and_seeded() -> None:
 
     assert all(bool(torch.isfinite(t).all()) for t in runs[0])
     np.testing.assert_array_equal(runs[0][1].numpy(), runs[1][1].numpy())
+
+
+@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+@settings(max_examples=20, deadline=None)
+@given(factor=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_clipping_a_change_scales_what_the_rule_releases_by_the_factor(name: str, factor: float, seed: int) -> None:
+    """C/‖Δ‖ applied to a change must scale the released vector by exactly that factor: a rule that scaled both
+    factors of a product would clip it to (C/‖Δ‖)²·‖Δ‖, far below C, and waste the privacy budget on noise."""
+    rule = get_rule(name)
+    g = torch.Generator().manual_seed(seed)
+    new, old = client_factors(g, [3, 3], shared_a=rule.freezes_lora_A)
+    change = rule.change((new.lora_A, new.lora_B), (old.lora_A, old.lora_B), new.scaling)
+
+    clipped = rule.clip_change(change, factor)
+
+    assert math.sqrt(rule.released_sq_norm(clipped)) == pytest.approx(
+        factor * math.sqrt(rule.released_sq_norm(change)), rel=1e-9
+    )

@@ -92,9 +92,9 @@ class SVD(Rule):
         return factors_norm(LoRAFactors(*change)) ** 2
 
     def clip_change(self, change: Change, factor: float) -> Change:
-        """Both factors scaled by the clipping factor."""
+        """lora_B scaled by the clipping factor, so that the product s·B·A is (scaling both would square it)."""
         lora_A, lora_B, scaling = change
-        return lora_A * factor, lora_B * factor, scaling
+        return lora_A, lora_B * factor, scaling
 
     def private_update(
         self, previous: FactorPair, changes: Sequence[Change], mechanism: GaussianMechanism, store_rank: int
