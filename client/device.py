@@ -28,6 +28,7 @@ seconds; a certificate or node-key problem fails at once. Exit status:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +50,7 @@ from types import FrameType
 from client.device_link import Failure, FailureKind, classify_supernode_exit, probe_superlink
 from client.device_memory import auto_rank, free_memory
 from client.device_options import DeviceOptions, UsageError, node_config_string, parse_options
+from client.reaper import start_reaper, stop_reaper
 
 __all__ = ["auto_rank", "main", "run_device", "supernode_command"]
 
@@ -60,6 +63,8 @@ EXIT_CODES: dict[FailureKind, int] = {
 }
 EXIT_USAGE = 2
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEVICE_MARK = "FEDLORA_DEVICE_MARK"
+"""Environment variable that marks the processes one ``fedlora client`` starts (see :mod:`client.reaper`)."""
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 TAIL_LINES = 200
@@ -111,16 +116,18 @@ def supernode_command(opts: DeviceOptions, rank: int, runtime_port: int) -> list
     ]
 
 
-def supernode_env() -> dict[str, str]:
+def supernode_env(mark: str) -> dict[str, str]:
     """Return the environment for flower-supernode: Flower's defaults above, and its bin folder first on PATH.
 
     flower-supernode starts ``flower-superexec`` by name, so it must be on PATH even when this command was run as
-    ``.venv/bin/fedlora`` from a shell without the virtual environment activated.
+    ``.venv/bin/fedlora`` from a shell without the virtual environment activated. Every process it starts carries
+    ``DEVICE_MARK=mark``, for the reaper that stops them should this command be killed.
     """
     env = dict(os.environ)
     for key, value in FLOWER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
     env["PATH"] = os.pathsep.join([str(Path(flower_bin("flower-supernode")).parent), env.get("PATH", "")])
+    env[DEVICE_MARK] = mark
     return env
 
 
@@ -186,7 +193,7 @@ class SupernodeExit:
     """Whether the SuperLink had activated the node (``CONNECTED_LINE`` was logged)."""
 
 
-def run_supernode(command: list[str], stop: StopFlag, target: list[subprocess.Popen[str]]) -> SupernodeExit:
+def run_supernode(command: list[str], stop: StopFlag, target: list[subprocess.Popen[str]], mark: str) -> SupernodeExit:
     """Run ``command`` in its own process group, echo its output to stderr; return how it ended.
 
     Its output is read on a thread while this one waits for it to exit: flower-supernode's child flower-superexec
@@ -202,7 +209,7 @@ def run_supernode(command: list[str], stop: StopFlag, target: list[subprocess.Po
         stdin=subprocess.DEVNULL,
         text=True,
         errors="replace",
-        env=supernode_env(),
+        env=supernode_env(mark),
         start_new_session=True,
     )
     target[:] = [proc]
@@ -249,13 +256,16 @@ def run_device(opts: DeviceOptions, rank: int) -> int:
     """Keep a SuperNode for this device running until it is stopped; return the exit status (see module doc)."""
     stop, target = StopFlag(), list[subprocess.Popen[str]]()
     deadline = time.monotonic() + opts.connect_timeout
-    with forwarding_signals(stop, target):
+    mark = uuid.uuid4().hex
+    reaper = start_reaper(DEVICE_MARK, mark)  # should this command be killed, its SuperNode goes with it
+    with forwarding_signals(stop, target), contextlib.ExitStack() as cleanup:
+        cleanup.callback(stop_reaper, reaper)
         while not stop.event.is_set():
             failure = wait_for_superlink(opts, stop, deadline)
             if failure is None and not stop.event.is_set():
                 command = supernode_command(opts, rank, opts.runtime_port or free_port())
                 log.info("starting: %s", " ".join(command))
-                ended = run_supernode(command, stop, target)
+                ended = run_supernode(command, stop, target, mark)
                 failure = classify_supernode_exit(ended.returncode, ended.tail, opts.key, stop.event.is_set())
                 if ended.connected:  # it had joined: give the next reconnection a fresh window
                     deadline = time.monotonic() + opts.connect_timeout

@@ -4,7 +4,8 @@
 Here we start our own ``flower-superlink --simulation`` on free loopback ports with a throw-away ``FLWR_HOME``,
 submit the run with ``flwr run --stream``, read the run's final status with ``flwr ls --format json``, and stop the
 SuperLink and every process under it on the way out, then any process still marked as ours (a Ray worker that was
-re-parented while the tree went down). A run that outlives its deadline is stopped the same way.
+re-parented while the tree went down). A run that outlives its deadline is stopped the same way. If this command is
+killed before it can do any of that (SIGKILL, a closed terminal), its reaper (:mod:`client.reaper`) does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import tomli_w
 
+from client.reaper import marked_processes, start_reaper, stop_reaper, terminate
 from server.flwr_cli import staged_app
 
 CONNECTION = "fedlora-sim"
@@ -95,20 +96,10 @@ def stop_process_tree(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    _terminate(tree, grace)
+    terminate(tree, grace)
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=5)
-
-
-def marked_processes(variable: str, value: str) -> list[psutil.Process]:
-    """Live processes whose environment sets ``variable`` to ``value``, wherever they were re-parented."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            if proc.environ().get(variable) == value and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-    return found
 
 
 def launch_processes(launch_id: str) -> list[psutil.Process]:
@@ -126,20 +117,8 @@ def stop_launch(launch_id: str, grace: float = 10.0, attempts: int = 3) -> list[
         left = launch_processes(launch_id)
         if not left:
             return []
-        _terminate(left, grace)
+        terminate(left, grace)
     return launch_processes(launch_id)
-
-
-def _terminate(procs: list[psutil.Process], grace: float) -> None:
-    """SIGTERM ``procs``, then SIGKILL those still alive after ``grace`` seconds."""
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 @contextmanager
@@ -200,22 +179,25 @@ def run_simulation(
     on_line: Callable[[str], None],
     cpus_per_node: int = 2,
     deadline_s: float | None = None,
+    app_dir: Path = PROJECT_DIR,
 ) -> RunOutcome:
-    """Submit the fedlora app with ``run_config`` to a private simulation SuperLink and wait for it to end.
+    """Submit the Flower app in ``app_dir`` (fedlora's own by default) with ``run_config`` to a private simulation
+    SuperLink and wait for it to end.
 
     With ``deadline_s``, a run still going after that many seconds is stopped and :class:`LaunchError` raised.
     """
     flwr_home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-"))
     started = time.monotonic()
+    reaper = start_reaper(LAUNCH_ID, flwr_home.name, remove=[flwr_home])  # if we are killed, it stops the rest
     try:
         with private_superlink(flwr_home, log_dir / "superlink.log") as address:
             write_connection(flwr_home, address)
             config_file = flwr_home / "run-config.toml"
             config_file.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
             federation = f"num_supernodes={num_nodes} client_resources_num_cpus={cpus_per_node}"
-            with staged_app(PROJECT_DIR) as app_dir:
+            with staged_app(app_dir) as staged:
                 command = [
-                    _bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+                    _bin("flwr"), "run", str(staged), CONNECTION, "--stream",
                     "--run-config", str(config_file), "--federation-config", federation,
                 ]  # fmt: skip
                 _stream(command, flwr_home, log_dir / "flwr.log", on_line, deadline_s)
@@ -223,6 +205,7 @@ def run_simulation(
     finally:
         survivors = stop_launch(flwr_home.name)
         shutil.rmtree(flwr_home, ignore_errors=True)
+        stop_reaper(reaper)
         if survivors:
             on_line(f"fedlora | WARNING: processes of this run survived SIGKILL: {[p.pid for p in survivors]}")
 

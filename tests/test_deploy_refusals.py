@@ -110,3 +110,14 @@ def test_fedlora_client_joins_and_stops_cleanly_on_sigterm(dep: Deployment) -> N
     assert "fedlora client: stopped (SIGTERM)" in proc.log()
     wait_until(lambda: not any(running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
     assert dep.online_node_ids() == set()
+
+
+def test_a_sigkilled_fedlora_client_takes_its_supernode_with_it(dep: Deployment) -> None:
+    proc = dep.start_client([*_client_args(dep, 1, dep.certs.ca_cert), "--partition-id", "1", "--num-partitions", "2"])
+    assert dep.wait_online([proc]) == {dep.registered[1]}
+    proc.remember_descendants()
+    assert proc.descendants, "the SuperNode runs in a session of its own, out of reach of a signal to the client"
+
+    os.kill(proc.popen.pid, signal.SIGKILL)  # no chance to forward anything: its reaper must act
+
+    wait_until(lambda: not any(running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
