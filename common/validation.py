@@ -70,13 +70,15 @@ class UpdateLimits:
     """Largest ``num_examples`` a node may claim (its FedAvg weight)."""
     max_bytes: int = 1 << 30
     """Largest total size of an update's arrays, in bytes."""
+    max_rank: int = 64
+    """Largest rank a node may declare (the run's ``max-rank``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.norm_factor, bool) or not isinstance(self.norm_factor, int | float):
             raise ValueError(f"norm_factor must be a number, got norm_factor={self.norm_factor!r}")
         if math.isnan(self.norm_factor) or self.norm_factor < 1:
             raise ValueError(f"norm_factor must be >= 1 (inf disables the rule), got norm_factor={self.norm_factor}")
-        for name in ("max_num_examples", "max_bytes"):
+        for name in ("max_num_examples", "max_bytes", "max_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
@@ -103,7 +105,13 @@ class Layout:
         return cls(modules, {k: tuple(int(d) for d in v.shape) for k, v in adapter.head.items()})
 
 
-def check_update(reply: TrainReply, expected_rank: int, layout: Layout | None, limits: UpdateLimits) -> str | None:
+def check_update(
+    reply: TrainReply,
+    expected_rank: int,
+    layout: Layout | None,
+    limits: UpdateLimits,
+    expected_scaling: float | None = None,
+) -> str | None:
     """Return why a node's train reply must be rejected, or ``None`` when it may be aggregated.
 
     Parameters
@@ -117,6 +125,8 @@ def check_update(reply: TrainReply, expected_rank: int, layout: Layout | None, l
         checked and the caller learns the layout with :meth:`Layout.from_adapter`).
     limits
         Bounds on the example count and size. The norm rule needs the whole round: see :func:`norm_outliers`.
+    expected_scaling
+        The scaling the coordinator knows for this node (None for a node it has not met).
 
     Returns
     -------
@@ -128,8 +138,12 @@ def check_update(reply: TrainReply, expected_rank: int, layout: Layout | None, l
         return f"{NUM_EXAMPLES}: {n!r} is not an integer in [1, {limits.max_num_examples}]"
     if reply.node.rank != expected_rank:
         return f"{WRONG_RANK}: node reports rank {reply.node.rank}, the coordinator knows rank {expected_rank}"
+    if expected_rank > limits.max_rank:
+        return f"{WRONG_RANK}: node reports rank {expected_rank}, above max-rank {limits.max_rank}"
     if not (_is_finite_number(reply.node.scaling) and reply.node.scaling > 0):
         return f"{SCALING}: node reports scaling {reply.node.scaling!r}; it must be positive and finite"
+    if expected_scaling is not None and reply.node.scaling != expected_scaling:
+        return f"{SCALING}: node reports scaling {reply.node.scaling:.6g}, the coordinator knows {expected_scaling:.6g}"
     for key, value in reply.metrics.items():
         if not _is_finite_number(value):
             return f"{BAD_METRIC}: metric {key!r} is {value!r}, not a finite number"
@@ -253,6 +267,11 @@ def _check_factor_shapes(
         return f"{SHAPE}: {module} has (out, in) = {(out_features, in_features)}, the layout says {expected}"
     if out_features == 0 or in_features == 0:
         return f"{SHAPE}: {module} has an empty dimension (out, in) = {(out_features, in_features)}"
+    if rank > min(out_features, in_features):
+        return (
+            f"{WRONG_RANK}: {module} is {out_features}×{in_features}, which holds no rank above "
+            f"{min(out_features, in_features)}; the node declares {rank}"
+        )
     return None
 
 

@@ -19,7 +19,10 @@ Rejection = tuple[int, str]
 
 def update_limits(cfg: RunConfig) -> UpdateLimits:
     """The bounds of :func:`common.validation.check_update` from the run config."""
-    return UpdateLimits(norm_factor=cfg.reliability.norm_factor, max_num_examples=cfg.reliability.max_num_examples)
+    reliability = cfg.reliability
+    return UpdateLimits(
+        norm_factor=reliability.norm_factor, max_num_examples=reliability.max_num_examples, max_rank=cfg.lora.max_rank
+    )
 
 
 def missing_replies(sent: Iterable[int], answered: Iterable[int], timeout: float) -> list[Rejection]:
@@ -41,7 +44,7 @@ def consensus_layout(
     layouts: dict[tuple[object, ...], Layout] = {}
     for node_id in sorted(replies, key=lambda n: (replies[n].node.name, n)):
         reply = replies[node_id]
-        if check_update(reply, _expected_rank(node_id, reply, known), None, limits) is not None:
+        if _check(node_id, reply, known, None, limits) is not None:
             continue
         layout = Layout.from_adapter(reply.adapter)
         key = (tuple(sorted(layout.modules.items())), tuple(sorted(layout.head.items())))
@@ -67,7 +70,7 @@ def accept_updates(
     accepted: dict[int, TrainReply] = {}
     rejected: list[Rejection] = []
     for node_id, reply in sorted(replies.items()):
-        reason = check_update(reply, _expected_rank(node_id, reply, known), layout, limits)
+        reason = _check(node_id, reply, known, layout, limits)
         if reason is not None:
             rejected.append((node_id, reason))
         else:
@@ -79,6 +82,12 @@ def accept_updates(
     return accepted, rejected, layout
 
 
-def _expected_rank(node_id: int, reply: TrainReply, known: Mapping[int, NodeInfo]) -> int:
-    """The rank the coordinator learned for the node, or (for a node it has not met) the one it reports."""
-    return known[node_id].rank if node_id in known else reply.node.rank
+def _check(
+    node_id: int, reply: TrainReply, known: Mapping[int, NodeInfo], layout: Layout | None, limits: UpdateLimits
+) -> str | None:
+    """:func:`check_update` against the rank and scaling the coordinator learned for the node (for a node it has not
+    met, the rank it reports)."""
+    info = known.get(node_id)
+    if info is None:
+        return check_update(reply, reply.node.rank, layout, limits)
+    return check_update(reply, info.rank, layout, limits, expected_scaling=info.scaling)

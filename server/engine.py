@@ -123,15 +123,27 @@ class RoundEngine:
             self.outcome.sampled = list(out)
         return out
 
-    def remember(self, node_id: int, info: NodeInfo, server_round: int) -> None:
-        """Learn (or refresh) what a node said about itself."""
+    def remember(self, node_id: int, info: NodeInfo, server_round: int) -> bool:
+        """Learn (or refresh) what a node said about itself; False (journalled) when it is refused.
+
+        A node's rank and scaling are fixed the first time the coordinator learns them and stay so for the run: a
+        node cannot raise its own weight in the aggregate, nor make the coordinator allocate for a rank it chose.
+        A rank above ``max-rank`` is never learned. Name and device may change.
+        """
         known = self.nodes.get(node_id)
-        if known is None or known.rank != info.rank:
+        max_rank = self.limits.max_rank
+        if info.rank > max_rank or (known is not None and (known.rank, known.scaling) != (info.rank, info.scaling)):
+            fixed = f"it trains at rank {known.rank} (scaling {known.scaling:.4g})" if known else f"max-rank {max_rank}"
+            line = f"node {node_id} declares rank {info.rank} (scaling {info.scaling:.4g}), refused: {fixed}"
+            self.journal.append((logging.WARNING, line))
+            return False
+        if known is None:
             self.journal.append(
                 (logging.INFO, f"node {node_id} ({info.name}) trains at rank {info.rank} (scaling {info.scaling:.4g})")
             )
         self.nodes[node_id] = info
         self.outcome.nodes_seen.append((node_id, info, server_round))
+        return True
 
     # --- aggregation -------------------------------------------------------------------------------------------------
     def aggregate_train(self, replies: Mapping[int, TrainReply], failed: Sequence[Rejection]) -> bool:
@@ -194,11 +206,10 @@ class RoundEngine:
     ) -> dict[str, float]:
         """The example-weighted eval loss and accuracy; the round is then complete (``answered``: every node whose
         reply came back, decoded or not, the participants of round 0)."""
-        for node_id, reply in replies.items():
-            self.remember(node_id, reply.node, server_round)
+        counted = [reply for node_id, reply in replies.items() if self.remember(node_id, reply.node, server_round)]
         metrics = {}
         for key in ("eval-loss", "eval-accuracy"):
-            metrics.update(self._record_metric(key, replies.values()))
+            metrics.update(self._record_metric(key, counted))
         if server_round == 0:
             self.outcome.participants = sorted(answered)
         self.outcome.round = server_round

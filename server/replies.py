@@ -37,37 +37,39 @@ def error_summary(reason: str, limit: int = 300) -> str:
     return summary if len(summary) <= limit else summary[: limit - 1] + "…"
 
 
-def decode_train_replies(ok: Mapping[int, Message]) -> tuple[dict[int, TrainReply], list[Rejection]]:
-    """Train replies decoded by the codec; a malformed one is a rejection (``malformed: …``)."""
+def decode_train_replies(ok: Mapping[int, Message], max_rank: int) -> tuple[dict[int, TrainReply], list[Rejection]]:
+    """Train replies decoded by the codec (ranks up to ``max_rank``); a malformed one is a rejection."""
     decoded: dict[int, TrainReply] = {}
     rejected: list[Rejection] = []
     for node_id, msg in sorted(ok.items()):
         try:
-            decoded[node_id] = records.decode_train_reply(msg.content)
+            decoded[node_id] = records.decode_train_reply(msg.content, max_rank)
         except records.RecordError as err:
             rejected.append((node_id, f"malformed: {err}"))
     return decoded, rejected
 
 
-def decode_evaluate_replies(ok: Mapping[int, Message]) -> tuple[dict[int, EvaluateReply], list[Rejection]]:
+def decode_evaluate_replies(
+    ok: Mapping[int, Message], max_rank: int
+) -> tuple[dict[int, EvaluateReply], list[Rejection]]:
     """Evaluate replies decoded by the codec; a malformed one is named (``malformed-evaluate-reply: …``)."""
     decoded: dict[int, EvaluateReply] = {}
     failed: list[Rejection] = []
     for node_id, msg in ok.items():
         try:
-            decoded[node_id] = records.decode_evaluate_reply(msg.content)
+            decoded[node_id] = records.decode_evaluate_reply(msg.content, max_rank)
         except records.RecordError as err:
             failed.append((node_id, f"malformed-evaluate-reply: {err}"))
     return decoded, failed
 
 
-def decode_query_replies(ok: Mapping[int, Message]) -> tuple[dict[int, NodeInfo], list[Rejection]]:
+def decode_query_replies(ok: Mapping[int, Message], max_rank: int) -> tuple[dict[int, NodeInfo], list[Rejection]]:
     """Query replies (a node's rank, scaling, name, device) decoded by the codec."""
     decoded: dict[int, NodeInfo] = {}
     failed: list[Rejection] = []
     for node_id, msg in ok.items():
         try:
-            decoded[node_id] = records.decode_query_reply(msg.content)
+            decoded[node_id] = records.decode_query_reply(msg.content, max_rank)
         except records.RecordError as err:
             failed.append((node_id, f"malformed query reply: {err}"))
     return decoded, failed

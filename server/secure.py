@@ -145,8 +145,8 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
             evaluate = strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
             replies = grid.send_and_receive(evaluate, timeout=cfg.reliability.round_timeout)
             strategy.aggregate_evaluate(server_round, replies)
-    except BaseException:
-        recorder.finish(None, 0, status="failed")
+    except BaseException as err:
+        recorder.finish(None, 0, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
     close_run(strategy, recorder, cfg)
 
@@ -167,7 +167,7 @@ def secure_train_round(grid: Grid, context: Context, cfg: RunConfig, strategy: L
     replies: dict[int, SecureReply] = {}
     for proxy, fit_res in results:
         try:
-            replies[int(proxy.node_id)] = decode_fit_res(fit_res)
+            replies[int(proxy.node_id)] = decode_fit_res(fit_res, cfg.lora.max_rank)
         except records.RecordError as err:
             recording.errors[int(proxy.node_id)] = f"malformed SecAgg+ metadata: {err}"
     outcome = engine.outcome

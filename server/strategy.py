@@ -60,7 +60,7 @@ class LoRAStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode the replies; the engine validates them and aggregates the valid ones."""
         ok, failed = split_replies(replies)
-        decoded, malformed = decode_train_replies(ok)
+        decoded, malformed = decode_train_replies(ok, self.cfg.lora.max_rank)
         aggregated = self.engine.aggregate_train(decoded, [*failed, *malformed])
         self.flush_log()
         if not aggregated:
@@ -79,7 +79,7 @@ class LoRAStrategy(FedAvg):
         """Weighted eval loss/accuracy; then the round is complete and gets recorded and checkpointed."""
         server_round += self.engine.round_offset
         ok, failed = split_replies(replies)
-        decoded, malformed = decode_evaluate_replies(ok)
+        decoded, malformed = decode_evaluate_replies(ok, self.cfg.lora.max_rank)
         for node_id, reason in [*failed, *malformed]:
             log(WARNING, "evaluate reply from node %d ignored: %s", node_id, reason)
         metrics = self.engine.aggregate_evaluate(server_round, decoded, ok)
@@ -122,7 +122,7 @@ class LoRAStrategy(FedAvg):
         queries = [Message(records.encode_query(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
         timeout = min(self.cfg.reliability.round_timeout, QUERY_TIMEOUT_S)
         ok, failed = split_replies(grid.send_and_receive(queries, timeout=timeout))
-        decoded, malformed = decode_query_replies(ok)
+        decoded, malformed = decode_query_replies(ok, self.cfg.lora.max_rank)
         for node_id, info in decoded.items():
             self.engine.remember(node_id, info, 0)
         for node_id, reason in [*failed, *malformed]:

@@ -40,6 +40,12 @@ class SimulationRun:
     def metrics(self) -> list[dict[str, Any]]:
         return json.loads((self.out_dir / "metrics.json").read_text())
 
+    def config(self) -> dict[str, Any]:
+        """The run config the coordinator wrote (``config.json`` without its run id)."""
+        saved = json.loads((self.out_dir / "config.json").read_text())
+        saved.pop("run-id", None)
+        return dict(saved)
+
     def audit(self) -> list[dict[str, Any]]:
         return [json.loads(line) for p in sorted(self.audit_dir.glob("*.jsonl")) for line in p.read_text().splitlines()]
 

@@ -32,8 +32,9 @@ from server.strategy import LoRAStrategy
 BAD_NODE = 7
 """The misbehaving node; its id sorts first, so it would be the first reply a naive layout check learns from."""
 RANKS = {BAD_NODE: 4, 11: 2, 22: 4, 33: 8}
-MODULES = {"encoder.layer.0.attention.self.query": (6, 5), "encoder.layer.0.attention.self.value": (6, 5)}
-HEAD = {"base_model.model.classifier.weight": (3, 5), "base_model.model.classifier.bias": (3,)}
+MODULES = {"encoder.layer.0.attention.self.query": (10, 9), "encoder.layer.0.attention.self.value": (10, 9)}
+"""(out, in) of each target module: wide enough for every rank the nodes train at."""
+HEAD = {"base_model.model.classifier.weight": (3, 9), "base_model.model.classifier.bias": (3,)}
 HEAD_WEIGHT = "base_model.model.classifier.weight"
 LIMITS = UpdateLimits(norm_factor=10.0, max_num_examples=10_000, max_bytes=1 << 20)
 CFG = RunConfig.from_mapping(

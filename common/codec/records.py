@@ -74,14 +74,16 @@ def encode_node_info(node: NodeInfo) -> ConfigRecord:
     return ConfigRecord({RANK: node.rank, SCALING: node.scaling, NODE_NAME: node.name, NODE_DEVICE: node.device})
 
 
-def decode_node_info(record: Any) -> NodeInfo:
-    """ConfigRecord → NodeInfo, with the rank an integer ≥ 1 and the scaling a positive number."""
+def decode_node_info(record: Any, max_rank: int | None = None) -> NodeInfo:
+    """ConfigRecord → NodeInfo, with the rank an integer in 1..``max_rank`` and the scaling a positive number."""
     if not isinstance(record, ConfigRecord):
         raise RecordError(f"'{NODE}' must be a ConfigRecord, got {type(record).__name__}")
     rank = _number(record, RANK, int)
     scaling = _number(record, SCALING, float)
     if rank < 1:
         raise RecordError(f"node reports rank {rank}; a LoRA rank must be >= 1")
+    if max_rank is not None and rank > max_rank:
+        raise RecordError(f"node reports rank {rank}, above the run's max-rank {max_rank}")
     if not (np.isfinite(scaling) and scaling > 0):
         raise RecordError(f"node reports scaling {scaling}; it must be positive and finite")
     return NodeInfo(rank, scaling, str(record.get(NODE_NAME, "")), str(record.get(NODE_DEVICE, "")))
@@ -116,14 +118,14 @@ def encode_train_reply(reply: TrainReply) -> RecordDict:
     return RecordDict({ADAPTER: encode_adapter(reply.adapter), METRICS: metrics, NODE: encode_node_info(reply.node)})
 
 
-def decode_train_reply(content: RecordDict) -> TrainReply:
+def decode_train_reply(content: RecordDict, max_rank: int | None = None) -> TrainReply:
     """RecordDict → TrainReply."""
     metrics = _metrics(content)
     num_examples = _number(metrics, NUM_EXAMPLES, int)
     return TrainReply(
         adapter=decode_adapter(_get(content, ADAPTER, ArrayRecord)),
         num_examples=num_examples,
-        node=decode_node_info(_get(content, NODE, ConfigRecord)),
+        node=decode_node_info(_get(content, NODE, ConfigRecord), max_rank),
         metrics=_float_metrics(metrics),
     )
 
@@ -134,12 +136,12 @@ def encode_evaluate_reply(reply: EvaluateReply) -> RecordDict:
     return RecordDict({METRICS: metrics, NODE: encode_node_info(reply.node)})
 
 
-def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
+def decode_evaluate_reply(content: RecordDict, max_rank: int | None = None) -> EvaluateReply:
     """RecordDict → EvaluateReply."""
     metrics = _metrics(content)
     return EvaluateReply(
         num_examples=_number(metrics, NUM_EXAMPLES, int),
-        node=decode_node_info(_get(content, NODE, ConfigRecord)),
+        node=decode_node_info(_get(content, NODE, ConfigRecord), max_rank),
         metrics=_float_metrics(metrics),
     )
 
@@ -154,9 +156,9 @@ def encode_query_reply(node: NodeInfo) -> RecordDict:
     return RecordDict({NODE: encode_node_info(node)})
 
 
-def decode_query_reply(content: RecordDict) -> NodeInfo:
+def decode_query_reply(content: RecordDict, max_rank: int | None = None) -> NodeInfo:
     """RecordDict → NodeInfo."""
-    return decode_node_info(_get(content, NODE, ConfigRecord))
+    return decode_node_info(_get(content, NODE, ConfigRecord), max_rank)
 
 
 def server_round_of(content: RecordDict) -> int | None:

@@ -75,11 +75,11 @@ def encode_fit_res(reply: TrainReply, pad_rank: int, rule: Rule) -> tuple[Record
     return compat.fitres_to_recorddict(fit_res, keep_input=False), summands
 
 
-def decode_fit_res(fit_res: FitRes) -> SecureReply:
+def decode_fit_res(fit_res: FitRes, max_rank: int | None = None) -> SecureReply:
     """The clear part of a node's FitRes; a RecordError naming what is missing or malformed."""
     metrics = dict(fit_res.metrics)
     info = ConfigRecord({k[len(NODE_PREFIX) :]: v for k, v in metrics.items() if k.startswith(NODE_PREFIX)})
-    node = records.decode_node_info(info)
+    node = records.decode_node_info(info, max_rank)
     try:
         keys = json.loads(str(metrics.get(SUMMAND_KEYS, "")))
     except json.JSONDecodeError:

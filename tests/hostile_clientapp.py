@@ -1,0 +1,91 @@
+"""A ClientApp for tests only: fedlora's real handlers, with the nodes named in ``PLAN`` misbehaving.
+
+``tests/hostile.py`` copies this file into a staged copy of the app, with ``PLAN`` filled in, and points
+``[tool.flwr.app.components] clientapp`` at it; the real ServerApp then runs a real simulation against it. Honest
+nodes run fedlora's handlers unchanged; a planned node runs them too and then alters its reply:
+
+- ``declare-rank``: the node says it trains at ``rank``: in its evaluate replies from round ``from-round`` on, then in
+  its train replies of the following rounds, whose factors it pads to that rank so that they are self-consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client import client_app as real
+from client.audit import audit_mod
+from client.faults import fault_mod
+from client.secure import secure_train_mod
+from common.codec import records
+from common.lora import lora_scaling
+from common.updates import AdapterFactors, NodeInfo
+
+PLAN: dict[str, dict[str, Any]] = {}
+"""Node name → what it does (``{"behaviour": "declare-rank", "rank": 16, "from-round": 1}``)."""
+
+app = ClientApp(mods=[audit_mod, fault_mod])
+
+
+def _plan(context: Context, msg: Message, after: int = 0) -> dict[str, Any] | None:
+    """This node's plan when it applies to ``msg`` (rounds from ``from-round`` + ``after`` on)."""
+    name = str(context.node_config.get("node-name", f"partition-{context.node_config.get('partition-id', 0)}"))
+    plan = PLAN.get(name)
+    server_round = records.server_round_of(msg.content) or 0
+    return plan if plan is not None and server_round >= int(plan.get("from-round", 0)) + after else None
+
+
+def _declared(node: NodeInfo, plan: dict[str, Any], context: Context) -> NodeInfo:
+    rank = int(plan["rank"])
+    alpha = float(context.run_config["lora-alpha"])
+    return dataclasses.replace(node, rank=rank, scaling=lora_scaling(alpha, rank))
+
+
+def _padded(adapter: AdapterFactors, rank: int) -> AdapterFactors:
+    """The same update at a larger rank: lora_A gains random rows, lora_B zero columns (s·B·A scales with s)."""
+    rng = np.random.default_rng(rank)
+    lora = {}
+    for module, (lora_A, lora_B) in adapter.lora.items():
+        extra = rank - lora_A.shape[0]
+        a = np.concatenate([lora_A, rng.normal(0, 0.1, (extra, lora_A.shape[1])).astype(lora_A.dtype)])
+        b = np.concatenate([lora_B, np.zeros((lora_B.shape[0], extra), lora_B.dtype)], axis=1)
+        lora[module] = (a, b)
+    return AdapterFactors(lora, adapter.head)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The real query handler."""
+    return real.query(msg, context)
+
+
+@app.train(mods=[secure_train_mod])
+def train(msg: Message, context: Context) -> Message:
+    """The real train handler, then the plan."""
+    reply = real.train(msg, context)
+    plan = _plan(context, msg, after=1)
+    if plan is None or reply.has_error():
+        return reply
+    decoded = records.decode_train_reply(reply.content)
+    if plan["behaviour"] == "declare-rank":
+        decoded = dataclasses.replace(
+            decoded, adapter=_padded(decoded.adapter, int(plan["rank"])), node=_declared(decoded.node, plan, context)
+        )
+    return Message(records.encode_train_reply(decoded), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The real evaluate handler, then the plan."""
+    reply = real.evaluate(msg, context)
+    plan = _plan(context, msg)
+    if plan is None or reply.has_error():
+        return reply
+    decoded = records.decode_evaluate_reply(reply.content)
+    if plan["behaviour"] == "declare-rank":
+        decoded = dataclasses.replace(decoded, node=_declared(decoded.node, plan, context))
+    return Message(records.encode_evaluate_reply(decoded), reply_to=msg)
