@@ -49,6 +49,12 @@ def _partitions(
     return partition_indices(labels, num_partitions, partitioner, seed, alpha, labels_per_node)
 
 
+def partition_sizes(cfg: RunConfig, data: str, num_partitions: int) -> dict[str, list[int]]:
+    """Examples per node of a packaged task, per split, as the nodes will draw them (before any cap)."""
+    split_args = (num_partitions, cfg.data.partitioner, cfg.seed, cfg.data.dirichlet_alpha, cfg.data.labels_per_node)
+    return {split: [len(part) for part in _partitions(data, split, *split_args)] for split in ("train", "test")}
+
+
 def node_data(cfg: RunConfig, data: str, partition_id: int, num_partitions: int) -> NodeData:
     """The node's share of a packaged task (non-IID split of train and test), or its own local file."""
     if is_local_file(data):

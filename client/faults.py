@@ -11,16 +11,14 @@ one of them. Empty (the default) injects nothing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.codec import records
+from common.faults import PHASES, parse_faults
 
 INJECT_FAULTS = "inject-faults"
-KINDS = ("raise", "hang")
-PHASES = ("train", "evaluate")
 HANG_MARGIN_S = 5.0
 """Least time past the coordinator's deadline a hanging node stays silent before it gives up."""
 HANG_MARGIN_FRACTION = 0.25
@@ -30,38 +28,6 @@ round is pushed, which on a loaded machine can take several seconds after ``crea
 
 class InjectedFault(RuntimeError):
     """The failure a node was told to simulate."""
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One planned failure."""
-
-    node: str
-    kind: str
-    round: int | None
-    phases: tuple[str, ...] = PHASES
-
-    def hits(self, node: str, server_round: int | None, phase: str) -> bool:
-        """Whether this fault applies to ``node``'s ``phase`` message of ``server_round``."""
-        return self.node == node and self.round in (None, server_round) and phase in self.phases
-
-
-def parse_faults(text: str) -> list[Fault]:
-    """Parse ``NODE:KIND@ROUND[/PHASE]`` items; raise ValueError naming a malformed item."""
-    faults = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        node, _, rest = item.partition(":")
-        kind, _, when = rest.partition("@")
-        when, _, phase = when.partition("/")
-        valid_when = when == "*" or when.isdigit()
-        if not node or kind not in KINDS or not valid_when or phase not in ("", *PHASES):
-            raise ValueError(
-                f"inject-faults item {item!r} must look like NODE:raise@ROUND, NODE:hang@* or NODE:hang@2/train"
-            )
-        faults.append(Fault(node, kind, None if when == "*" else int(when), (phase,) if phase else PHASES))
-    return faults
 
 
 def hang_seconds(msg: Message, round_timeout: float, now: float) -> float:

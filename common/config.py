@@ -30,9 +30,9 @@ from common.config_sections import (
 from common.rules.registry import RULE_NAMES, check_rule_name
 
 
-def parse_ranks(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
-    """Parse ``"2,4,8"`` (or a list) into a tuple of ranks ≥ 1."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+def parse_ranks(text: str | int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Parse ``"2,4,8"`` (or one rank, or a list) into a tuple of ranks ≥ 1."""
+    items = text.split(",") if isinstance(text, str) else list(text) if isinstance(text, list | tuple) else [text]
     ranks = []
     for item in items:
         item_text = str(item).strip()
@@ -49,6 +49,11 @@ def parse_ranks(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
         raise ValueError("node-ranks must name at least one rank, e.g. '2,4,8'")
     return tuple(ranks)
 
+
+MAX_ROUNDS = 100_000
+"""Most rounds a run may plan (a larger count only overflows the deadlines derived from it)."""
+INT64 = 2**63
+"""Flower's records hold 64-bit integers: a larger value could never reach a node."""
 
 SECTIONS = ("lora", "training", "data", "privacy", "secagg", "reliability", "output")
 """The sections of :class:`RunConfig`, in the order their keys are flattened."""
@@ -83,8 +88,10 @@ class RunConfig:
     output: OutputSection = field(default_factory=OutputSection)
 
     def __post_init__(self) -> None:
-        if self.num_rounds < 1:
-            raise ValueError(f"num-rounds must be at least 1, got {self.num_rounds}")
+        if not 1 <= self.num_rounds <= MAX_ROUNDS:
+            raise ValueError(f"num-rounds must be in 1..{MAX_ROUNDS}, got {self.num_rounds}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         check_rule_name(self.rule)
         if self.secagg.enabled:
             from common.rules.registry import rule_class  # imports torch; only needed with secure aggregation
@@ -157,22 +164,32 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Convert a TOML/CLI value to the field's type, naming the key on failure."""
     if key == "node-ranks":
         return parse_ranks(value)
+    if isinstance(value, list | dict):
+        raise ValueError(f"{key} must be a single value, got {value!r} (write a list as a comma-separated string)")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT64:
+        raise ValueError(f"{key} does not fit in 64 bits, got {value!r}")
     try:
         if typing.get_origin(kind) is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
+            items = value.split(",") if isinstance(value, str) else [value]
             return tuple(str(v).strip() for v in items if str(v).strip())
         if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            return bool(value)
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text in ("true", "1")
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(value)
+            number = int(value)
+            if abs(number) >= INT64:
+                raise OverflowError
+            return number
         if kind is float:
             return float(value)
-        return str(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except OverflowError:
+        raise ValueError(f"{key} does not fit in 64 bits, got {value!r}") from None
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be of type {getattr(kind, '__name__', kind)}, got {value!r}") from None

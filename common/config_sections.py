@@ -12,6 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.faults import parse_faults
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""Longest round-timeout: a week (deadlines are sums of timeouts; a huge one would overflow the launcher's timer)."""
 PARTITIONERS = ("dirichlet", "iid", "pathological")
 SCHEDULES = ("cosine", "linear")
 SCHEDULE_SPANS = ("run", "round")
@@ -236,11 +240,16 @@ class ReliabilitySection:
     """How many per-round checkpoints to keep."""
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "min_nodes")
-        _positive(self, "round_timeout", "norm_factor")
+        _at_least_one(self, "min_nodes", "keep_checkpoints", "max_num_examples")
+        _positive(self, "round_timeout")
+        if self.round_timeout > MAX_TIMEOUT_S:
+            raise ValueError(f"round-timeout must be at most {MAX_TIMEOUT_S:g} s (a week), got {self.round_timeout:g}")
+        if not (math.isfinite(self.norm_factor) and self.norm_factor >= 1) and self.norm_factor != math.inf:
+            raise ValueError(f"norm-factor must be >= 1 (inf disables the norm rule), got {self.norm_factor}")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        parse_faults(self.inject_faults)
 
 
 @dataclass(frozen=True)

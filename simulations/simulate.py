@@ -13,8 +13,11 @@ from typing import Any
 
 from common.config import RunConfig
 from server.checkpoint import load_latest_checkpoint
+from server.run_lock import check_free
 from simulations.launcher import PROJECT_DIR, run_simulation
 
+MAX_NODES = 10_000
+"""Most simulated nodes a run may ask for."""
 LAUNCHER_KEYS = ("num-nodes",)
 """Overlay keys that configure the launcher rather than the Flower run."""
 STARTUP_ALLOWANCE_S = 900.0
@@ -34,14 +37,21 @@ def app_defaults() -> dict[str, Any]:
 
 
 def read_overlay(path: Path) -> dict[str, Any]:
-    """A flat TOML file of kebab-case keys (an experiment overlay)."""
-    if not path.is_file():
+    """A flat TOML file of kebab-case keys (an experiment overlay); every problem with it names the file."""
+    if not path.exists():
         raise UsageError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"config file {path} is not a file (a TOML file of key = value lines is expected)")
     try:
-        with path.open("rb") as handle:
-            return dict(tomllib.load(handle))
+        values = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text: is it the TOML file you meant?") from None
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+    tables = [key for key, value in values.items() if isinstance(value, dict)]
+    if tables:
+        raise UsageError(f"config file {path} has a table [{tables[0]}]; an overlay is flat key = value lines")
+    return values
 
 
 def merged_config(overlay: dict[str, Any], flags: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -52,7 +62,9 @@ def merged_config(overlay: dict[str, Any], flags: dict[str, Any]) -> tuple[dict[
     for source in (overlay, flags):
         for key, value in source.items():
             if key in LAUNCHER_KEYS:
-                num_nodes = int(value)
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise UsageError(f"num-nodes must be an integer, got {value!r}")
+                num_nodes = value
             elif key not in defaults:
                 raise UsageError(f"unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
             else:
@@ -60,19 +72,13 @@ def merged_config(overlay: dict[str, Any], flags: dict[str, Any]) -> tuple[dict[
     return merged, num_nodes
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Fail fast, before any process starts, on a model or data source that cannot be found."""
-    from client.data import is_local_file
-    from client.model import PRESETS, resolve_model
-    from client.tasks import load_task
+def check_inputs(cfg: RunConfig, num_nodes: int) -> None:
+    """Fail fast, before any process starts, on what would make every node fail (:mod:`client.preflight`), and
+    say how the data is split."""
+    from client.preflight import check_run
 
-    if cfg.model not in PRESETS:
-        resolve_model(cfg.model)
-    if is_local_file(cfg.task):
-        if not Path(cfg.task).is_file():
-            raise FileNotFoundError(f"data file {cfg.task} does not exist")
-    else:
-        load_task(cfg.task)
+    for line in check_run(cfg, num_nodes):
+        print(f"fedlora: {line}", flush=True)
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -117,13 +123,16 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any], in
     merged, num_nodes = merged_config(overlay, flag_values(args))
     out = args.out or Path(time.strftime("runs/%Y%m%d-%H%M%S"))
     merged["out-dir"] = str(out.resolve())
+    if getattr(args, "store", None):
+        merged["store"] = str(Path(args.store).resolve())
     cfg = RunConfig.from_mapping(merged)
-    check_inputs(cfg)
     nodes = num_nodes if num_nodes is not None else len(cfg.lora.node_ranks)
-    if nodes < 1:
-        raise UsageError(f"--nodes must be at least 1, got {nodes}")
+    if not 1 <= nodes <= MAX_NODES:
+        raise UsageError(f"--nodes must be in 1..{MAX_NODES}, got {nodes}")
     if nodes < cfg.reliability.min_nodes:
         raise UsageError(f"--nodes {nodes} is fewer than min-nodes {cfg.reliability.min_nodes}")
+    check_free(Path(cfg.output.out_dir))
+    check_inputs(cfg, nodes)
     return cfg, merged, nodes
 
 
@@ -139,7 +148,7 @@ def run_deadline(cfg: RunConfig) -> float:
     return STARTUP_ALLOWANCE_S + (cfg.num_rounds + 1) * per_round
 
 
-def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool, cpus_per_node: int = 1) -> int:
+def launch(cfg: RunConfig, nodes: int, verbose: bool, cpus_per_node: int = 1) -> int:
     """Run the federation, echoing per-round progress; 0 when the run completed."""
     if cpus_per_node < 1:
         raise UsageError(f"--cpus-per-node must be at least 1, got {cpus_per_node}")
@@ -161,9 +170,9 @@ def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool, cp
                 print(text, flush=True)
             last[0] = text
 
-    outcome = run_simulation(merged, nodes, out_dir, on_line, cpus_per_node, deadline_s=run_deadline(cfg))
+    outcome = run_simulation(cfg.to_mapping(), nodes, out_dir, on_line, cpus_per_node, deadline_s=run_deadline(cfg))
     summary = out_dir / "summary.txt"
-    if outcome.ok and summary.is_file():
+    if summary.is_file():
         print(summary.read_text(encoding="utf-8"), end="")
     print(f"fedlora: run {outcome.run_id} {outcome.status} in {outcome.seconds:.0f} s", flush=True)
     return 0 if outcome.ok else 1
@@ -171,10 +180,21 @@ def launch(cfg: RunConfig, merged: dict[str, Any], nodes: int, verbose: bool, cp
 
 def simulate(args: argparse.Namespace) -> int:
     """``fedlora simulate``."""
-    cfg, merged, nodes = resolve_run(args)
-    if args.store:
-        merged["store"] = str(Path(args.store).resolve())
-    return launch(RunConfig.from_mapping(merged), merged, nodes, args.verbose, args.cpus_per_node)
+    if args.cpus_per_node < 1:
+        raise UsageError(f"--cpus-per-node must be at least 1, got {args.cpus_per_node}")
+    cfg, _, nodes = resolve_run(args)
+    return launch(cfg, nodes, args.verbose, args.cpus_per_node)
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object written by a run (``config.json``, ``launch.json``), or a UsageError naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not the {what} a run writes: {err}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} holds a JSON {type(value).__name__}, not the {what} a run writes")
+    return value
 
 
 def resume(args: argparse.Namespace) -> int:
@@ -183,19 +203,29 @@ def resume(args: argparse.Namespace) -> int:
     saved = run_dir / "config.json"
     if not saved.is_file():
         raise UsageError(f"{run_dir} is not a fedlora run folder (no config.json)")
-    merged = json.loads(saved.read_text(encoding="utf-8"))
+    merged = read_json_object(saved, "run config")
     merged.pop("run-id", None)
     merged.update({"resume": True, "out-dir": str(run_dir)})
+    cfg = RunConfig.from_mapping(merged)
     if not any((run_dir / "checkpoints").glob("round-*.ckpt")):
         raise UsageError(f"{run_dir} has no checkpoint to resume from")
+    check_free(run_dir)
     # the coordinator makes the same choice; checking here names a bad file on the console and fails fast
     checkpoint = load_latest_checkpoint(run_dir / "checkpoints", required=True)
     print(f"fedlora: resuming from {checkpoint.path.name} (after round {checkpoint.server_round})", flush=True)
     launch_file = run_dir / "launch.json"
-    previous = json.loads(launch_file.read_text(encoding="utf-8")) if launch_file.is_file() else {}
-    nodes = args.nodes or int(previous.get("num-nodes", len(RunConfig.from_mapping(merged).lora.node_ranks)))
-    cpus = args.cpus_per_node or int(previous.get("cpus-per-node", DEFAULT_CPUS_PER_NODE))
-    return launch(RunConfig.from_mapping(merged), merged, nodes, args.verbose, cpus)
+    previous = read_json_object(launch_file, "launch record") if launch_file.is_file() else {}
+    nodes = args.nodes or _count(previous, "num-nodes", len(cfg.lora.node_ranks))
+    cpus = args.cpus_per_node or _count(previous, "cpus-per-node", DEFAULT_CPUS_PER_NODE)
+    check_inputs(cfg, nodes)
+    return launch(cfg, nodes, args.verbose, cpus)
+
+
+def _count(record: dict[str, Any], key: str, default: int) -> int:
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"launch.json has {key} = {value!r}; expected a positive integer")
+    return value
 
 
 DEFAULT_CPUS_PER_NODE = 1

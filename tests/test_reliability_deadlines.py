@@ -14,9 +14,10 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_reliability_rejections import CFG, RANKS, FakeGrid, valid_reply
 
-from client.faults import HANG_MARGIN_FRACTION, HANG_MARGIN_S, Fault, hang_seconds, parse_faults
+from client.faults import HANG_MARGIN_FRACTION, HANG_MARGIN_S, hang_seconds
 from common.codec import records
 from common.config import RunConfig
+from common.faults import Fault, parse_faults
 from common.validation import reason_code
 from server.checkpoint import load_checkpoint
 from server.recorder import RunRecorder
