@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import Context
@@ -43,9 +43,23 @@ def open_run(grid: Grid, context: Context, cfg: RunConfig) -> tuple[LoRAStrategy
     return strategy, recorder
 
 
+class NothingTrained(RuntimeError):
+    """Every round of the run was skipped: there is no adapter to hand out, and the run must not look completed."""
+
+
 def close_run(strategy: LoRAStrategy, recorder: RunRecorder, cfg: RunConfig) -> None:
-    """Export the global adapter at the largest node rank and write the final outputs."""
+    """Export the global adapter at the largest node rank and write the final outputs.
+
+    A run in which no round aggregated anything ends ``failed`` (in the store, the summary and Flower's status,
+    through :class:`NothingTrained`), with the reason of its last skipped round.
+    """
     engine = strategy.engine
+    if engine.global_adapter.empty:
+        skipped = [str(row.get("skipped") or "") for row in recorder.rows if row.get("round", 0) > 0]
+        reason = f"no round aggregated an update (last: {skipped[-1] or 'no round ran'})" if skipped else "no round ran"
+        recorder.finish(None, 0, status="failed", reason=reason)
+        log(ERROR, "fedlora | run failed: %s", reason)
+        raise NothingTrained(f"the run trained nothing: {reason}")
     rank = max(engine.ranks, default=1)
     adapter = engine.global_adapter.export(rank, cfg.lora.lora_alpha, cfg.lora.use_rslora)
     path = recorder.finish(adapter, rank)

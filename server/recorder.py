@@ -17,6 +17,7 @@ from common.updates import AdapterFactors, NodeInfo
 from server.checkpoint import prune_checkpoints, save_checkpoint
 from server.engine import RoundOutcome
 from server.export import plot_metrics, save_peft_adapter, write_metrics
+from server.run_lock import RunLock
 from server.run_store import RoundRecord, RunStore
 
 
@@ -35,7 +36,8 @@ class RunRecorder:
         self.run_id = run_id
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(out_dir, f"the coordinator of run {run_id}").acquire()
+        """Held until :meth:`finish` (or this process's end): no second writer in ``out_dir`` meanwhile."""
         write_json_atomic(out_dir / "config.json", {"run-id": run_id, **cfg.to_mapping()})
         self.store = RunStore(store_path)
         self.store.start_run(
@@ -96,21 +98,28 @@ class RunRecorder:
         ]
         log(INFO, "fedlora | %s", " | ".join(p for p in parts if p))
 
-    def finish(self, adapter: AdapterFactors | None, rank: int, status: str = "completed") -> Path | None:
-        """Export the adapter (PEFT folder), the plot and the summary; mark the run finished in the store."""
-        adapter_path = None
-        if adapter is not None:
-            adapter_path = save_peft_adapter(self.out_dir / "adapter", adapter, rank, self.cfg, self.cfg.model)
-        if self.rows:
-            plot_metrics(self.rows, self.out_dir / "metrics.png", f"fedlora · rule {self.cfg.rule}")
-        self._summary(adapter_path, rank)
-        self.store.finish_run(self.run_id, status, str(adapter_path.resolve()) if adapter_path else None)
-        return adapter_path
+    def finish(
+        self, adapter: AdapterFactors | None, rank: int, status: str = "completed", reason: str = ""
+    ) -> Path | None:
+        """Export the adapter (PEFT folder), the plot and the summary; mark the run finished in the store; let go of
+        the run folder. ``reason`` says why a run that did not complete ended as it did."""
+        try:
+            adapter_path = None
+            if adapter is not None:
+                adapter_path = save_peft_adapter(self.out_dir / "adapter", adapter, rank, self.cfg, self.cfg.model)
+            if self.rows:
+                plot_metrics(self.rows, self.out_dir / "metrics.png", f"fedlora · rule {self.cfg.rule}")
+            self._summary(adapter_path, rank, status, reason)
+            self.store.finish_run(self.run_id, status, str(adapter_path.resolve()) if adapter_path else None)
+            return adapter_path
+        finally:
+            self.lock.release()
 
-    def _summary(self, adapter_path: Path | None, rank: int) -> None:
+    def _summary(self, adapter_path: Path | None, rank: int, status: str, reason: str) -> None:
         final = self.rows[-1] if self.rows else {}
         first = self.rows[0] if self.rows else {}
         lines = [
+            f"status: {status}" + (f": {reason}" if reason else ""),
             f"rule: {self.cfg.rule}    rounds: {final.get('round', 0)}",
             f"model: {self.cfg.model}    task: {self.cfg.task}",
             f"round-0 accuracy: {_fmt(first.get('eval_accuracy'))}",

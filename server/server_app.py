@@ -24,7 +24,7 @@ def main(grid: Grid, context: Context) -> None:
         remaining = cfg.num_rounds - strategy.engine.round_offset
         if remaining > 0:
             strategy.start(grid, ArrayRecord(), num_rounds=remaining, timeout=cfg.reliability.round_timeout)
-    except BaseException:
-        recorder.finish(None, 0, status="failed")
+    except BaseException as err:
+        recorder.finish(None, 0, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
     close_run(strategy, recorder, cfg)

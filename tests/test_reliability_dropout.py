@@ -136,7 +136,7 @@ def test_too_few_alive_skips_the_round_and_keeps_the_adapter(faulty_run: Simulat
 
 def test_the_exported_adapter_is_the_last_aggregate(faulty_run: SimulationRun) -> None:
     cfg = RunConfig.from_mapping({"node-ranks": "2,4,8"})
-    state = GlobalAdapter(cfg.rule, cfg.lora.max_rank)
+    state = GlobalAdapter.from_config(cfg)
     state.load_arrays(checkpoint(faulty_run, FAULTY_ROUND).arrays)
     expected = state.export(8, cfg.lora.lora_alpha, cfg.lora.use_rslora)
     assert expected is not None
@@ -144,3 +144,19 @@ def test_the_exported_adapter_is_the_last_aggregate(faulty_run: SimulationRun) -
     assert set(exported) == set(expected.to_state_dict())
     for key, value in expected.to_state_dict().items():
         np.testing.assert_allclose(exported[key], value, rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_a_run_in_which_every_node_fails_ends_failed_saying_why(tmp_path: Path) -> None:
+    # Arrange: every node raises in every round (what a config every node trips on used to do, silently).
+    faults = ", ".join(f"partition-{i}:raise@*" for i in range(3))
+    # Act
+    run = simulate(tmp_path, nodes=3, **{"num-rounds": 2, "inject-faults": faults})
+    # Assert: a non-zero exit, "failed" in the store and the summary with the reason, and no adapter.
+    assert run.returncode == 1, run.output[-3000:]
+    assert "finished:failed" in run.output
+    with sqlite3.connect(run.store) as db:
+        ((status, adapter_path),) = db.execute("SELECT status, adapter_path FROM runs").fetchall()
+    assert (status, adapter_path) == ("failed", None)
+    summary = (run.out_dir / "summary.txt").read_text()
+    assert summary.startswith("status: failed: no round aggregated an update (last: only 0 valid replies")
+    assert not (run.out_dir / "adapter").exists()
