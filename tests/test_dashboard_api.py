@@ -156,10 +156,12 @@ def test_unknown_run_page_is_a_404_page_without_a_trace(client: TestClient) -> N
     assert "no run with id &#x27;no-such-run&#x27;" in response.text and "Traceback" not in response.text
 
 
-def test_bad_query_parameter_is_a_422_with_a_message(client: TestClient) -> None:
-    response = client.get(f"/api/runs/{RUN_ID}/rounds", params={"since": "soon"})
+@pytest.mark.parametrize("since", ["soon", str(2**63), "-2", "1e400"])
+@pytest.mark.parametrize("endpoint", ["rounds", "diagnostics"])
+def test_bad_query_parameter_is_a_400_with_a_message(client: TestClient, endpoint: str, since: str) -> None:
+    response = client.get(f"/api/runs/{RUN_ID}/{endpoint}", params={"since": since})
 
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["error"].startswith("bad request: query.since")
 
 

@@ -44,7 +44,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -187,7 +187,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> Response:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        return _error(request, 422, f"bad request: {problems}", "Bad request")
+        return _error(request, 400, f"bad request: {problems}", "Bad request")
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> Response:
@@ -200,6 +200,10 @@ def _page(name: str, **fields: str) -> HTMLResponse:
     for key, value in fields.items():
         text = text.replace("{{" + key + "}}", html.escape(value, quote=True))
     return HTMLResponse(text)
+
+
+SINCE = Query(-1, ge=-1, le=2**62, description="only rounds after this one (-1: all, round 0 included)")
+"""``?since=N``: a round number SQLite can compare (it holds signed 64-bit integers)."""
 
 
 def create_app(db_path: Path, token: str | None = None) -> FastAPI:
@@ -251,7 +255,7 @@ def create_app(db_path: Path, token: str | None = None) -> FastAPI:
         return reader.get_run(run_id)
 
     @app.get("/api/runs/{run_id}/rounds")
-    def rounds(run_id: str, since: int = -1) -> list[JSON]:
+    def rounds(run_id: str, since: int = SINCE) -> list[JSON]:
         return reader.rounds(run_id, since)
 
     @app.get("/api/runs/{run_id}/nodes")
@@ -263,7 +267,7 @@ def create_app(db_path: Path, token: str | None = None) -> FastAPI:
         return reader.rejected(run_id)
 
     @app.get("/api/runs/{run_id}/diagnostics")
-    def diagnostics(run_id: str, since: int = -1) -> list[JSON]:
+    def diagnostics(run_id: str, since: int = SINCE) -> list[JSON]:
         return reader.diagnostics(run_id, since)
 
     @app.get("/api/runs/{run_id}/adapter.zip", response_model=None)
