@@ -1,7 +1,9 @@
-"""An audit log of what crosses a node's boundary: every array a node receives or sends, by name, shape and bytes.
+"""An audit log of what crosses a node's boundary: every record of every message a node receives or sends.
 
 Enabled by the ``audit-dir`` run-config key (or node-config key). Each message appends one JSON line to
-``<audit-dir>/<node-name>.jsonl``, so anyone can check that only LoRA factors and the head ever leave a node. The
+``<audit-dir>/<node-name>.jsonl`` with :func:`describe` of what came in and of what went out (arrays by name, shape
+and bytes; config and metric entries by key, type, length and bytes; the serialised size of the whole message), so
+anyone can check that only LoRA factors, the head and a few named scalars ever leave a node. The
 content of every train reply (factors, head, example count, rank, scaling) is also kept, as sent, in
 ``<audit-dir>/<node-name>-round<N>.npz``: what the node contributed to round N can be checked against the
 coordinator's aggregate.
@@ -16,37 +18,72 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.serde import message_to_proto
 
 from common.atomic_file import write_bytes_atomic
 from common.codec import records
 
 AUDIT_DIR = "audit-dir"
+SHOWN_STRING = 256
+"""Longest string value the log shows verbatim."""
 
 
-def describe(message: Message) -> list[dict[str, Any]]:
-    """Name, dtype, shape, raw bytes and serialised bytes of every array in a message's content."""
-    if message.has_error():
-        return []
-    arrays = []
-    for record_name, record in message.content.items():
-        if isinstance(record, ArrayRecord):
-            for key in record.keys():
-                array = record[key]
-                shape = list(array.shape)
-                itemsize = np.dtype(array.dtype).itemsize
-                arrays.append(
-                    {
-                        "record": record_name,
-                        "key": key,
-                        "dtype": array.dtype,
-                        "shape": shape,
-                        "nbytes": int(np.prod(shape, dtype=np.int64)) * itemsize,
-                        "wire_bytes": len(array.data),
-                    }
-                )
-    return arrays
+def describe(message: Message) -> dict[str, Any]:
+    """Everything a message carries, record by record, and its size as Flower serialises it.
+
+    - ``arrays``: every array of every ArrayRecord: record, key, dtype, shape, raw bytes, serialised bytes;
+    - ``values``: every entry of every ConfigRecord and MetricRecord: record, kind, key, value type, length (items
+      of a list, characters of a string, bytes of a bytes value; 1 for a number), payload bytes, and the value itself
+      when it is a number or a short string;
+    - ``error``: the bytes of an error reply's reason (an error reply has no records);
+    - ``bytes``: the payload bytes of all of the above; ``message_bytes``: the whole message serialised as Flower's
+      protobuf ``Message`` (records, keys, metadata and framing), which is what the SuperNode transmits.
+    """
+    arrays: list[dict[str, Any]] = []
+    values: list[dict[str, Any]] = []
+    error = len((message.error.reason or "").encode("utf-8")) if message.has_error() else 0
+    if not message.has_error():
+        for record_name, record in message.content.items():
+            if isinstance(record, ArrayRecord):
+                arrays.extend(_array_entry(record_name, key, record[key]) for key in record.keys())
+            else:
+                kind = "config" if isinstance(record, ConfigRecord) else "metric"
+                values.extend(_value_entry(record_name, kind, key, value) for key, value in record.items())
+    payload = sum(a["wire_bytes"] for a in arrays) + sum(v["bytes"] for v in values) + error
+    return {
+        "arrays": arrays,
+        "values": values,
+        "error": error,
+        "bytes": payload,
+        "message_bytes": message_to_proto(message).ByteSize(),
+    }
+
+
+def _array_entry(record: str, key: str, array: Array) -> dict[str, Any]:
+    shape = list(array.shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    return {
+        "record": record,
+        "key": key,
+        "dtype": array.dtype,
+        "shape": shape,
+        "nbytes": nbytes,
+        "wire_bytes": len(array.data),
+    }
+
+
+def _value_entry(record: str, kind: str, key: str, value: Any) -> dict[str, Any]:
+    items = value if isinstance(value, list) else [value]
+    sizes = [len(v.encode("utf-8")) if isinstance(v, str) else len(v) if isinstance(v, bytes) else 8 for v in items]
+    length = len(value) if isinstance(value, list | str | bytes) else 1
+    element = type(items[0]).__name__ if items else "empty"
+    kind_name = f"list[{element}]" if isinstance(value, list) else type(value).__name__
+    entry = {"record": record, "kind": kind, "key": key, "type": kind_name, "length": length, "bytes": sum(sizes)}
+    if isinstance(value, int | float | bool) or (isinstance(value, str) and len(value) <= SHOWN_STRING):
+        entry["value"] = value  # a scalar is shown as it is; a list or a long value only by its size
+    return entry
 
 
 def flat_content(message: Message) -> dict[str, np.ndarray]:
@@ -70,7 +107,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower client mod: log the arrays of the incoming message and of the reply."""
+    """Flower client mod: log what the incoming message and the reply carry (:func:`describe`)."""
     folder = str(context.node_config.get(AUDIT_DIR, context.run_config.get(AUDIT_DIR, "")))
     reply = call_next(msg, context)
     if folder:

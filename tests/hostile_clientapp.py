@@ -6,6 +6,10 @@ nodes run fedlora's handlers unchanged; a planned node runs them too and then al
 
 - ``declare-rank``: the node says it trains at ``rank``: in its evaluate replies from round ``from-round`` on, then in
   its train replies of the following rounds, whose factors it pads to that rank so that they are self-consistent.
+- ``smuggle-metric``: its train replies also carry a base weight of the model, flattened, as a list of floats in the
+  metric record (key ``warmup``).
+- ``extra-config-key``: its train replies carry one more key in the node's config record (``debug``).
+- ``head-twice``: its train replies carry the head a second time, in an array record of its own (``head``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import client_app as real
@@ -57,6 +61,27 @@ def _padded(adapter: AdapterFactors, rank: int) -> AdapterFactors:
     return AdapterFactors(lora, adapter.head)
 
 
+def _smuggle_metric(content: RecordDict, context: Context) -> None:
+    from client.model import load_classifier, resolve_model
+
+    model, _ = load_classifier(resolve_model(str(context.run_config["model"])), 4, 0)
+    weight = next(p for name, p in model.named_parameters() if name.endswith("attention.self.query.weight"))
+    content[records.METRICS]["warmup"] = [float(x) for x in weight.detach().flatten()]
+
+
+def _extra_config_key(content: RecordDict, context: Context) -> None:
+    content[records.NODE]["debug"] = "hello"
+
+
+def _head_twice(content: RecordDict, context: Context) -> None:
+    adapter = content[records.ADAPTER]
+    content["head"] = ArrayRecord({k: adapter[k] for k in adapter.keys() if ".lora_" not in k})
+
+
+SMUGGLERS = {"smuggle-metric": _smuggle_metric, "extra-config-key": _extra_config_key, "head-twice": _head_twice}
+"""Behaviours that add something to an honest train reply's records."""
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The real query handler."""
@@ -69,6 +94,9 @@ def train(msg: Message, context: Context) -> Message:
     reply = real.train(msg, context)
     plan = _plan(context, msg, after=1)
     if plan is None or reply.has_error():
+        return reply
+    if plan["behaviour"] in SMUGGLERS:
+        SMUGGLERS[plan["behaviour"]](reply.content, context)
         return reply
     decoded = records.decode_train_reply(reply.content)
     if plan["behaviour"] == "declare-rank":

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
+from boundary import NPY_HEADER_BYTES, PEFT_PREFIX, TARGETS, BaseModel, boundary_violations, tiny_bert
 from conftest import TINY_SETTINGS, simulate
 from deploy import Deployment, bounded, running, wait_until
 
 from client.audit import audit_mod
-from client.model import resolve_model
 from client.tasks import TINY_TOPICS
 from server.certs import create_certs
 
@@ -41,11 +40,6 @@ INTRUDER_EXIT_S = 120.0
 """How long a refused SuperNode may take to give up (it retries the connection a few times first)."""
 RUN_TIMEOUT_S = 1500
 """The 2-round run took 10 min on 2 cores at a load average of 17: every message starts a fresh ClientApp process."""
-TARGETS = ("query", "key", "value")
-"""The modules fedlora adapts in a BERT model."""
-PEFT_PREFIX = "base_model.model."
-NPY_HEADER_BYTES = 128
-"""Flower serialises each array with ``np.save``: the array's raw bytes plus one 128-byte header (format 1.0)."""
 
 
 @dataclass(frozen=True)
@@ -121,73 +115,9 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> DeployedRun:
     )
 
 
-# --- what a node may send -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BaseModel:
-    """Shapes of the base model a node fine-tunes, read from the Hugging Face model itself (not from fedlora)."""
-
-    linear: dict[str, tuple[int, int]]
-    """Every ``nn.Linear`` module: ``(out, in)``."""
-    head: dict[str, tuple[int, ...]]
-    """The classification head's parameters (``classifier.weight``, ``classifier.bias``)."""
-    itemsize: int
-
-    def bound(self, rank: int) -> int:
-        """Bytes of LoRA factors at ``rank`` for every target module plus the head: Σ r·(in + out)·itemsize + head."""
-        factors = sum(
-            rank * (inn + out) for name, (out, inn) in self.linear.items() if name.rsplit(".", 1)[-1] in TARGETS
-        )
-        head = sum(int(np.prod(shape)) for shape in self.head.values())
-        return (factors + head) * self.itemsize
-
-
 @pytest.fixture(scope="module")
-def tiny_bert() -> BaseModel:
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model("tiny"), num_labels=len(TINY_TOPICS))
-    linear = {
-        name: (module.out_features, module.in_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
-    head = {name: tuple(p.shape) for name, p in model.named_parameters() if name.startswith("classifier.")}
-    return BaseModel(linear, head, itemsize=next(model.parameters()).element_size())
-
-
-def boundary_violations(entry: dict[str, Any], rank: int, base: BaseModel) -> list[str]:
-    """Return what in one audit entry's ``sent`` arrays is not allowed to leave a node of LoRA rank ``rank``.
-
-    Allowed: ``lora_A`` (r × in) and ``lora_B`` (out × r) of a linear module of the base model, and the head's
-    parameters at their own shapes, with raw bytes in total at most ``base.bound(rank)`` and wire bytes at most
-    that plus one ``np.save`` header per array. Anything else (a base weight, an embedding, a factor of another
-    rank, a wider dtype) is a violation.
-    """
-    problems = []
-    for array in entry["sent"]:
-        key, shape = array["key"], tuple(array["shape"])
-        name = key.removeprefix(PEFT_PREFIX)
-        module, _, factor = name.rpartition(".lora_")
-        expected: tuple[int, ...]
-        if key.startswith(PEFT_PREFIX) and module in base.linear and factor in ("A.weight", "B.weight"):
-            out, inn = base.linear[module]
-            expected = (rank, inn) if factor == "A.weight" else (out, rank)
-        elif key.startswith(PEFT_PREFIX) and name in base.head:
-            expected = base.head[name]
-        else:
-            problems.append(f"{key} {list(shape)} is neither a LoRA factor nor the head")
-            continue
-        if shape != expected:
-            problems.append(f"{key} has shape {list(shape)}, expected {list(expected)} at rank {rank}")
-    raw = sum(int(array["nbytes"]) for array in entry["sent"])
-    wire = sum(int(array["wire_bytes"]) for array in entry["sent"])
-    if raw > base.bound(rank):
-        problems.append(f"{raw} bytes sent, above the rank-{rank} bound of {base.bound(rank)}")
-    if wire > base.bound(rank) + NPY_HEADER_BYTES * len(entry["sent"]):
-        problems.append(f"{wire} bytes on the wire for {raw} bytes of arrays")
-    return problems
+def tiny_bert_shapes() -> BaseModel:
+    return tiny_bert(num_labels=len(TINY_TOPICS))
 
 
 # --- the deployed run -----------------------------------------------------------------------------------------------
@@ -236,7 +166,7 @@ def test_each_node_trained_and_received_factors_at_its_own_rank(deployed: Deploy
         assert sorted(db.execute("SELECT name, rank FROM nodes").fetchall()) == sorted(RANKS.items())
     for node, rank in RANKS.items():
         assert f"({node}) trains at rank {rank}" in deployed.server_log
-        received = [array for entry in deployed.audit(node) for array in entry["received"]]
+        received = [array for entry in deployed.audit(node) for array in entry["received"]["arrays"]]
         factors = [array for array in received if ".lora_" in array["key"]]
         assert factors, f"{node} never received global factors"
         for array in factors:
@@ -256,17 +186,19 @@ def test_the_audit_saw_every_message_a_node_sent(deployed: DeployedRun) -> None:
         assert sent.count("train") == ROUNDS
 
 
-def test_only_lora_factors_and_the_head_left_a_node(deployed: DeployedRun, tiny_bert: BaseModel) -> None:
+def test_only_lora_factors_and_the_head_left_a_node(deployed: DeployedRun, tiny_bert_shapes: BaseModel) -> None:
     for node, rank in RANKS.items():
         entries = deployed.audit(node)
 
-        violations = [problem for entry in entries for problem in boundary_violations(entry, rank, tiny_bert)]
+        violations = [problem for entry in entries for problem in boundary_violations(entry, rank, tiny_bert_shapes)]
 
         assert violations == []
         train_bytes = [
-            sum(array["nbytes"] for array in entry["sent"]) for entry in entries if entry["message-type"] == "train"
+            sum(array["nbytes"] for array in entry["sent"]["arrays"])
+            for entry in entries
+            if entry["message-type"] == "train"
         ]
-        assert train_bytes == [tiny_bert.bound(rank)] * ROUNDS  # every target module's factors, and the head
+        assert train_bytes == [tiny_bert_shapes.bound(rank)] * ROUNDS  # every target module's factors, and the head
 
 
 def test_every_process_the_deployment_started_is_gone(deployed: DeployedRun) -> None:
@@ -332,6 +264,7 @@ def test_submit_exits_1_on_a_failed_run_that_flwr_run_accepted(tmp_path: Path) -
 def _audit_entry(sent: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     arrays = [
         {
+            "record": "lora",
             "key": key,
             "dtype": "float32",
             "shape": list(shape),
@@ -341,7 +274,10 @@ def _audit_entry(sent: dict[str, tuple[int, ...]]) -> dict[str, Any]:
         for key, shape in sent.items()
         for nbytes in [4 * int(np.prod(shape))]
     ]
-    return {"node-name": "node-0", "message-type": "train", "received": [], "sent": arrays}
+    payload = sum(a["wire_bytes"] for a in arrays)
+    sent_record = {"arrays": arrays, "values": [], "error": 0, "bytes": payload, "message_bytes": payload}
+    received = {"arrays": [], "values": [], "error": 0, "bytes": 0, "message_bytes": 0}
+    return {"node-name": "node-0", "message-type": "train", "received": received, "sent": sent_record}
 
 
 def _honest_reply(base: BaseModel, rank: int) -> dict[str, tuple[int, ...]]:
@@ -353,10 +289,10 @@ def _honest_reply(base: BaseModel, rank: int) -> dict[str, tuple[int, ...]]:
     return sent | {f"{PEFT_PREFIX}{name}": shape for name, shape in base.head.items()}
 
 
-def test_an_honest_reply_passes_the_check(tiny_bert: BaseModel) -> None:
-    entry = _audit_entry(_honest_reply(tiny_bert, 8))
+def test_an_honest_reply_passes_the_check(tiny_bert_shapes: BaseModel) -> None:
+    entry = _audit_entry(_honest_reply(tiny_bert_shapes, 8))
 
-    assert boundary_violations(entry, 8, tiny_bert) == []
+    assert boundary_violations(entry, 8, tiny_bert_shapes) == []
 
 
 @pytest.mark.parametrize(
@@ -367,25 +303,27 @@ def test_an_honest_reply_passes_the_check(tiny_bert: BaseModel) -> None:
         ("bert.encoder.layer.0.attention.self.query.weight", (32, 32)),
     ],
 )
-def test_a_base_weight_in_a_reply_fails_the_check(tiny_bert: BaseModel, key: str, shape: tuple[int, ...]) -> None:
-    entry = _audit_entry({**_honest_reply(tiny_bert, 2), key: shape})
+def test_a_base_weight_in_a_reply_fails_the_check(
+    tiny_bert_shapes: BaseModel, key: str, shape: tuple[int, ...]
+) -> None:
+    entry = _audit_entry({**_honest_reply(tiny_bert_shapes, 2), key: shape})
 
-    violations = boundary_violations(entry, 2, tiny_bert)
+    violations = boundary_violations(entry, 2, tiny_bert_shapes)
 
     assert any(key in problem and "neither a LoRA factor nor the head" in problem for problem in violations)
     assert any("above the rank-2 bound" in problem for problem in violations)
 
 
-def test_factors_of_another_rank_fail_the_check(tiny_bert: BaseModel) -> None:
-    entry = _audit_entry(_honest_reply(tiny_bert, 8))
+def test_factors_of_another_rank_fail_the_check(tiny_bert_shapes: BaseModel) -> None:
+    entry = _audit_entry(_honest_reply(tiny_bert_shapes, 8))
 
-    violations = boundary_violations(entry, 2, tiny_bert)
+    violations = boundary_violations(entry, 2, tiny_bert_shapes)
 
     assert any("expected [2, 32] at rank 2" in problem for problem in violations)
     assert any("above the rank-2 bound" in problem for problem in violations)
 
 
-def test_the_audit_mod_records_a_base_weight_added_to_a_reply(tmp_path: Path, tiny_bert: BaseModel) -> None:
+def test_the_audit_mod_records_a_base_weight_added_to_a_reply(tmp_path: Path, tiny_bert_shapes: BaseModel) -> None:
     from flwr.app import Array, ArrayRecord, Context, Metadata, RecordDict
     from flwr.app.message.message import make_message
 
@@ -393,7 +331,7 @@ def test_the_audit_mod_records_a_base_weight_added_to_a_reply(tmp_path: Path, ti
     leaked = "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight"
     arrays = {
         key: Array(np.zeros(shape, np.float32))
-        for key, shape in {**_honest_reply(tiny_bert, 2), leaked: (32, 32)}.items()
+        for key, shape in {**_honest_reply(tiny_bert_shapes, 2), leaked: (32, 32)}.items()
     }
 
     def metadata(message_id: str, reply_to: str) -> Metadata:
@@ -406,7 +344,7 @@ def test_the_audit_mod_records_a_base_weight_added_to_a_reply(tmp_path: Path, ti
     audit_mod(message, context, lambda _msg, _ctx: reply)
     # Assert
     (entry,) = [json.loads(line) for line in (tmp_path / "node-0.jsonl").read_text().splitlines()]
-    assert any(leaked in problem for problem in boundary_violations(entry, 2, tiny_bert))
+    assert any(leaked in problem for problem in boundary_violations(entry, 2, tiny_bert_shapes))
 
 
 def test_processes_are_stopped_when_the_block_fails(tmp_path: Path) -> None:

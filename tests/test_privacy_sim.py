@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from boundary import assert_no_violations, boundary_violations, tiny_bert
 from conftest import TINY_SETTINGS, SimulationRun, run_fedlora, settings_flags
 
 from client.privacy import STATE_DIR_ENV
@@ -66,7 +67,7 @@ def test_local_dp_epsilon_is_one_accountant_over_both_rounds(local_dp: Simulatio
 
 
 def test_local_dp_sends_peft_keys_only(local_dp: SimulationRun) -> None:
-    sent = [a["key"] for e in local_dp.audit() if e["message-type"] == "train" for a in e["sent"]]
+    sent = [a["key"] for e in local_dp.audit() if e["message-type"] == "train" for a in e["sent"]["arrays"]]
     assert sent and not any("_module." in key for key in sent)
 
 
@@ -112,6 +113,37 @@ def test_secure_aggregation_completes_with_the_usual_outputs(secure: SimulationR
     assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
 
 
+SECURE_CLEAR = {
+    ("secaggplus_configs", "pk1"), ("secaggplus_configs", "pk2"), ("secaggplus_configs", "dsts"),
+    ("secaggplus_configs", "ctxts"), ("secaggplus_configs", "masked_params"), ("secaggplus_configs", "nids"),
+    ("secaggplus_configs", "shares"), ("fitres.metrics", "node.rank"), ("fitres.metrics", "node.scaling"),
+    ("fitres.metrics", "node.name"), ("fitres.metrics", "node.device"), ("fitres.metrics", "train-loss"),
+    ("fitres.metrics", "train-loss-first"), ("fitres.metrics", "train-loss-last"),
+    ("fitres.metrics", "summand-keys"), ("fitres.num_examples", "num_examples"), ("fitres.status", "code"),
+    ("fitres.status", "message"),
+}  # fmt: skip
+"""Every (record, key) a node sends on the SecAgg+ path: the protocol's values, and the clear metadata."""
+
+
 def test_no_update_leaves_a_node_in_clear_under_secure_aggregation(secure: SimulationRun) -> None:
     trains = [e for e in secure.audit() if e["message-type"] == "train"]
-    assert trains and all(e["sent"] == [] for e in trains)  # only masked integers, in SecAgg+'s config record
+    sent = {(v["record"], v["key"]) for e in trains for v in e["sent"]["values"]}
+    # Exactly these keys, no arrays: the update itself travels only as masked integers ...
+    assert trains and all(e["sent"]["arrays"] == [] for e in trains)
+    assert sent == SECURE_CLEAR
+    # ... whose size is that of the node's summands at the round's padding rank, and nothing else scales with the
+    # model: the boundary check of tests/boundary.py passes on every message.
+    base = tiny_bert(num_labels=4)
+    for name, rank in {"partition-0": 2, "partition-1": 4, "partition-2": 8}.items():
+        assert_no_violations([e for e in trains if e["node-name"] == name], rank, base)
+    masked = [v["bytes"] for e in trains for v in e["sent"]["values"] if v["key"] == "masked_params"]
+    assert len(masked) == 3 * 2 and all(0.9 * base.summand_bound(8) <= m <= base.summand_bound(8) for m in masked)
+
+
+def test_a_model_sized_payload_added_to_a_secure_reply_fails_the_check(secure: SimulationRun) -> None:
+    base = tiny_bert(num_labels=4)
+    (entry, *_) = [e for e in secure.audit() if e["message-type"] == "train" and e["server-round"] == 1]
+    smuggled = {"record": "fitres.metrics", "kind": "config", "key": "notes", "type": "list[float]"}
+    entry["sent"]["values"].append({**smuggled, "length": 8192, "bytes": 8 * 8192})
+    rank = {"partition-0": 2, "partition-1": 4, "partition-2": 8}[entry["node-name"]]
+    assert any("fitres.metrics/notes" in p for p in boundary_violations(entry, rank, base))

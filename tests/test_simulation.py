@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from boundary import assert_no_violations, tiny_bert
 from conftest import SimulationRun
 
 from client.model import resolve_model
@@ -39,11 +40,11 @@ def test_loss_fell(tiny_simulation: SimulationRun) -> None:
 
 def test_each_node_received_factors_of_its_own_rank(tiny_simulation: SimulationRun) -> None:
     entries = tiny_simulation.audit()
-    received = [e for e in entries if e["message-type"] in ("train", "evaluate") and e["received"]]
+    received = [e for e in entries if e["message-type"] in ("train", "evaluate") and e["received"]["arrays"]]
     assert received, "no node ever received global factors"
     for entry in received:
         rank = RANKS[entry["node-name"]]
-        for array in entry["received"]:
+        for array in entry["received"]["arrays"]:
             if array["key"].endswith(".lora_A.weight"):
                 assert array["shape"][0] == rank, (entry["node-name"], array)
             elif array["key"].endswith(".lora_B.weight"):
@@ -65,13 +66,22 @@ def test_only_lora_factors_and_head_leave_a_node(tiny_simulation: SimulationRun)
     # Assert
     assert len(sent) == 3 * 2
     for entry in sent:
-        keys = [a["key"] for a in entry["sent"]]
+        keys = [a["key"] for a in entry["sent"]["arrays"]]
         for key in keys:
             assert key.endswith((".lora_A.weight", ".lora_B.weight")) or key.startswith(
                 "base_model.model.classifier."
             ), key
-        total = sum(a["nbytes"] for a in entry["sent"])
+        total = sum(a["nbytes"] for a in entry["sent"]["arrays"])
         assert total == expected_reply_bytes(RANKS[entry["node-name"]], dims, head_bytes)
+
+
+def test_nothing_but_named_scalars_and_the_factors_leave_a_node(tiny_simulation: SimulationRun) -> None:
+    """Every record of every message a node sent passes the boundary check of tests/boundary.py."""
+    base = tiny_bert(num_labels=4)
+    entries = tiny_simulation.audit()
+    assert {e["message-type"] for e in entries} >= {"train", "evaluate"}
+    for name, rank in RANKS.items():
+        assert_no_violations([e for e in entries if e["node-name"] == name], rank, base)
 
 
 def test_exported_adapter_loads_with_stock_peft_and_matches_the_global_model(tiny_simulation: SimulationRun) -> None:

@@ -78,6 +78,9 @@ def decode_node_info(record: Any, max_rank: int | None = None) -> NodeInfo:
     """ConfigRecord → NodeInfo, with the rank an integer in 1..``max_rank`` and the scaling a positive number."""
     if not isinstance(record, ConfigRecord):
         raise RecordError(f"'{NODE}' must be a ConfigRecord, got {type(record).__name__}")
+    unknown = sorted(set(record.keys()) - {RANK, SCALING, NODE_NAME, NODE_DEVICE})
+    if unknown:
+        raise RecordError(f"'{NODE}' has a key this codec does not know: {unknown[0]!r}")
     rank = _number(record, RANK, int)
     scaling = _number(record, SCALING, float)
     if rank < 1:
@@ -119,7 +122,8 @@ def encode_train_reply(reply: TrainReply) -> RecordDict:
 
 
 def decode_train_reply(content: RecordDict, max_rank: int | None = None) -> TrainReply:
-    """RecordDict → TrainReply."""
+    """RecordDict → TrainReply; a record it does not know is refused, not ignored."""
+    _only(content, (ADAPTER, METRICS, NODE))
     metrics = _metrics(content)
     num_examples = _number(metrics, NUM_EXAMPLES, int)
     return TrainReply(
@@ -137,7 +141,8 @@ def encode_evaluate_reply(reply: EvaluateReply) -> RecordDict:
 
 
 def decode_evaluate_reply(content: RecordDict, max_rank: int | None = None) -> EvaluateReply:
-    """RecordDict → EvaluateReply."""
+    """RecordDict → EvaluateReply; a record it does not know is refused, not ignored."""
+    _only(content, (METRICS, NODE))
     metrics = _metrics(content)
     return EvaluateReply(
         num_examples=_number(metrics, NUM_EXAMPLES, int),
@@ -166,6 +171,13 @@ def server_round_of(content: RecordDict) -> int | None:
     config = content.get(CONFIG)
     value = config.get(SERVER_ROUND) if isinstance(config, ConfigRecord) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _only(content: RecordDict, known: tuple[str, ...]) -> None:
+    """A reply carries the records of its kind and nothing else (an extra record would be data nobody checks)."""
+    unknown = sorted(set(content.keys()) - set(known))
+    if unknown:
+        raise RecordError(f"reply has a record this codec does not know: {unknown[0]!r} (expected {list(known)})")
 
 
 def _get(content: RecordDict, key: str, kind: type) -> Any:
