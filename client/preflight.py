@@ -19,6 +19,7 @@ from client.causal_lm import CAUSAL_TARGETS, MAIN_CHARACTERS, resolve_causal_mod
 from client.data import is_local_file, node_data, num_labels_for, partition_sizes
 from client.model import DEFAULT_TARGETS, resolve_model
 from client.task_types import CausalLM, character_data, task_type_for
+from client.tasks import load_local_file
 from common.config import RunConfig
 
 
@@ -60,6 +61,10 @@ def _is_linear(module: torch.nn.Module) -> bool:
 def check_classification_data(cfg: RunConfig, num_nodes: int) -> list[str]:
     """A local file: readable, its labels named. A packaged task: every node gets training and held-out examples
     from the run's partitioner (flwr-datasets, as the nodes run it)."""
+    if cfg.data.server_eval_data:
+        if not Path(cfg.data.server_eval_data).is_file():
+            raise FileNotFoundError(f"server-eval-data file {cfg.data.server_eval_data} does not exist")
+        load_local_file(Path(cfg.data.server_eval_data), cfg.data.labels)
     if is_local_file(cfg.task):
         if not Path(cfg.task).is_file():
             raise FileNotFoundError(f"data file {cfg.task} does not exist")

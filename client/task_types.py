@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 from peft import PeftModel
+from transformers import AutoTokenizer
 
 from client.causal_lm import (
     CAUSAL_TARGETS,
@@ -34,7 +35,7 @@ from client.causal_lm import (
     tokenize_lines,
     use_causal_rank,
 )
-from client.data import node_data, num_labels_for, tokenize
+from client.data import is_local_file, node_data, num_labels_for, tokenize
 from client.model import (
     LoRASettings,
     attach_lora,
@@ -44,8 +45,20 @@ from client.model import (
     resolve_model,
 )
 from client.node_settings import NodeSettings
+from client.tasks import load_local_file, load_task, stratified_indices
 from client.train import Batch, TrainResult, TrainSettings, evaluate, train
 from common.config import RunConfig
+
+
+@dataclass(frozen=True)
+class GlobalSet:
+    """The fixed held-out examples the coordinator evaluates the global adapter on, and where they came from."""
+
+    batch: Batch
+    source: str
+    """What the examples are, in words (the task, the split, how they were drawn)."""
+    indices: tuple[int, ...] = ()
+    """Positions of the examples in that source, so that anyone can rebuild the set."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,10 @@ class TaskType(ABC):
     ) -> tuple[int, dict[str, float]]:
         """Held-out examples evaluated, and the metrics (``eval-loss`` and the task's own)."""
 
+    @abstractmethod
+    def global_set(self, cfg: RunConfig) -> GlobalSet | None:
+        """The coordinator's fixed held-out set (``global-eval-examples``), or None when the task offers none."""
+
 
 class Classification(TaskType):
     """Sequence classification: a fresh model per message, tokenised data cached per process."""
@@ -108,6 +125,22 @@ class Classification(TaskType):
         """Held-out cross-entropy and accuracy."""
         result = evaluate(model, data, max(cfg.training.batch_size, 32), device)
         return result.num_examples, {"eval-loss": result.loss, "eval-accuracy": result.accuracy}
+
+    def global_set(self, cfg: RunConfig) -> GlobalSet | None:
+        """``global-eval-examples`` of the task's test split, or of ``server-eval-data``, stratified by label."""
+        count = cfg.data.global_eval_examples
+        if count == 0 or (is_local_file(cfg.task) and not cfg.data.server_eval_data):
+            return None
+        if cfg.data.server_eval_data:
+            path = Path(cfg.data.server_eval_data)
+            data, name = load_local_file(path, cfg.data.labels), str(path)
+        else:
+            data, name = load_task(cfg.task).test, f"the {cfg.task} test split"
+        indices = stratified_indices(data.labels, count, cfg.seed)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+        batch = tokenize(tokenizer, data.subset(indices), cfg.training.max_length)
+        source = f"{len(indices)} examples of {name}, stratified by label (seed {cfg.seed})"
+        return GlobalSet(batch, source, tuple(indices))
 
 
 class CausalLM(TaskType):
@@ -152,6 +185,16 @@ class CausalLM(TaskType):
             "eval-content-tokens": float(content.tokens),
         }
         return len(data["input_ids"]), metrics
+
+    def global_set(self, cfg: RunConfig) -> GlobalSet | None:
+        """Every character's held-out lines (the nodes' own held-out lines, together), up to the count."""
+        count = cfg.data.global_eval_examples
+        if count == 0:
+            return None
+        _, tokenizer = _shared_causal_model(cfg.model, cfg)
+        lines = [line for i in range(len(MAIN_CHARACTERS)) for line in character_data(cfg, i).test][:count]
+        batch = tokenize_lines(tokenizer, lines, cfg.training.max_length)
+        return GlobalSet(batch, f"{len(lines)} held-out lines of the {len(MAIN_CHARACTERS)} characters")
 
 
 CAUSAL_TASKS = ("friends",)

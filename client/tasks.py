@@ -228,3 +228,29 @@ def shuffled_prefix(indices: Sequence[int], limit: int, seed: int) -> list[int]:
     order = list(indices)
     np.random.default_rng(seed).shuffle(order)
     return order if limit <= 0 else order[:limit]
+
+
+def stratified_indices(labels: Sequence[int], count: int, seed: int) -> list[int]:
+    """``count`` indices (all of them when there are fewer) drawn so that every label keeps its share, seeded.
+
+    Each label c with n_c of the N examples gets ⌊count·n_c/N⌋ draws, and the draws left over go to the labels with
+    the largest remainders (Hamilton's method); within a label the draw is a seeded shuffle. Sorted.
+    """
+    total = len(labels)
+    if count >= total:
+        return list(range(total))
+    by_label: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    exact = {label: count * len(members) / total for label, members in by_label.items()}
+    take = {label: int(share) for label, share in exact.items()}
+    left = count - sum(take.values())
+    for label in sorted(exact, key=lambda c: (take[c] - exact[c], c))[:left]:
+        take[label] += 1
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in sorted(by_label):
+        members = list(by_label[label])
+        rng.shuffle(members)
+        chosen.extend(members[: take[label]])
+    return sorted(chosen)

@@ -132,6 +132,13 @@ class DataSection:
     labels: tuple[str, ...] = ()
     """Class names of a local data file (``labels = "neg,pos"``); an integer label indexes into them. Packaged
     tasks bring their own; a local file without them is refused."""
+    global_eval_examples: int = 2000
+    """Held-out examples the coordinator evaluates the exported global adapter on after every round (the metric a
+    user takes away): drawn stratified by label (seeded) from the task's test split, or the lines of
+    ``server-eval-data``; for a causal task, every node's held-out lines. 0 turns the global evaluation off."""
+    server_eval_data: str = ""
+    """A JSONL/CSV file on the coordinator to evaluate the global adapter on (a deployment whose nodes each bring
+    their own data has no packaged test split); empty: the packaged task's test split."""
 
     def __post_init__(self) -> None:
         _one_of("partitioner", self.partitioner, PARTITIONERS)
@@ -139,6 +146,10 @@ class DataSection:
         _positive(self, "dirichlet_alpha")
         if self.train_examples < 0:
             raise ValueError(f"train-examples must be 0 (all) or a positive count, got {self.train_examples}")
+        if self.global_eval_examples < 0:
+            raise ValueError(
+                f"global-eval-examples must be 0 (off) or a positive count, got {self.global_eval_examples}"
+            )
 
 
 @dataclass(frozen=True)

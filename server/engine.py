@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +26,19 @@ from common.validation import Layout, UpdateLimits
 from server.accept import Rejection, accept_updates, missing_replies, update_limits
 from server.global_adapter import GlobalAdapter
 from server.sampling import sample_nodes, sample_size
+
+
+class GlobalEvaluation(Protocol):
+    """Evaluates the adapter a user would export on the run's fixed held-out set (``client.global_eval``)."""
+
+    @property
+    def description(self) -> dict[str, Any]:
+        """What the fixed set is (its source, and the positions of its examples there), for the run folder."""
+        ...
+
+    def __call__(self, adapter: AdapterFactors | None, rank: int) -> dict[str, float]:
+        """``global-*`` metrics of the exported adapter at ``rank`` (None: the untrained model)."""
+        ...
 
 
 @dataclass
@@ -50,6 +63,8 @@ class RoundOutcome:
     skipped: str | None = None
     """Why the round left the global adapter as it was (None when it aggregated)."""
     epsilon: float | None = None
+    global_eval_seconds: float = 0.0
+    """Time the coordinator spent evaluating the exported adapter on the fixed held-out set."""
     nodes_seen: list[tuple[int, NodeInfo, int]] = field(default_factory=list)
     """``(node id, info, round)`` of every node heard from, in order, for the run store."""
 
@@ -65,8 +80,12 @@ def make_instruction(
 class RoundEngine:
     """The coordinator's round logic over plain types: sampling, serving, validation, aggregation, state."""
 
-    def __init__(self, cfg: RunConfig, limits: UpdateLimits | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, limits: UpdateLimits | None = None, evaluator: GlobalEvaluation | None = None
+    ) -> None:
         self.cfg = cfg
+        self.evaluator = evaluator
+        """Evaluates the exported adapter on the run's fixed held-out set after every round (None: no such set)."""
         self.global_adapter = GlobalAdapter.from_config(cfg)
         self.nodes: dict[int, NodeInfo] = {}
         """Every node met so far: its rank, scaling, name and device."""
@@ -214,6 +233,24 @@ class RoundEngine:
             self.outcome.participants = sorted(answered)
         self.outcome.round = server_round
         return metrics
+
+    def evaluate_global(self) -> dict[str, float]:
+        """The adapter a user would export now (the largest node rank) on the fixed held-out set, as ``global-*``
+        metrics of the round; none without an evaluator."""
+        if self.evaluator is None:
+            return {}
+        started = time.perf_counter()
+        rank = self.export_rank
+        lora = self.cfg.lora
+        metrics = self.evaluator(self.global_adapter.export(rank, lora.lora_alpha, lora.use_rslora), rank)
+        self.outcome.metrics.update(metrics)
+        self.outcome.global_eval_seconds = time.perf_counter() - started
+        return metrics
+
+    @property
+    def export_rank(self) -> int:
+        """The rank the adapter is exported at: the largest rank a node trains at."""
+        return max(self.ranks, default=1)
 
     def _record_metric(self, key: str, replies: Iterable[TrainReply] | Iterable[EvaluateReply]) -> dict[str, float]:
         value = weighted_metric(replies, key)

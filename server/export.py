@@ -50,10 +50,15 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None
 
     rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(rounds, [r.get("eval_accuracy") for r in rows], marker="o", label="eval accuracy")
-    ax_acc.set(xlabel="round", ylabel="accuracy", title="Held-out accuracy (weighted over nodes)")
+    if any(r.get("global_accuracy") is not None for r in rows):
+        ax_acc.plot(rounds, [r.get("global_accuracy") for r in rows], marker="D", label="global (exported adapter)")
+    ax_acc.plot(rounds, [r.get("eval_accuracy") for r in rows], marker="o", label="nodes' mean (own rank, own share)")
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="Held-out accuracy")
     ax_acc.set_ylim(0, 1)
-    ax_loss.plot(rounds, [r.get("eval_loss") for r in rows], marker="o", label="eval loss")
+    ax_acc.legend()
+    if any(r.get("global_loss") is not None for r in rows):
+        ax_loss.plot(rounds, [r.get("global_loss") for r in rows], marker="D", label="global eval loss")
+    ax_loss.plot(rounds, [r.get("eval_loss") for r in rows], marker="o", label="nodes' eval loss")
     ax_loss.plot(rounds, [r.get("train_loss") for r in rows], marker="s", label="train loss")
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
     ax_loss.legend()

@@ -11,8 +11,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from common.atomic_file import write_json_atomic
 from common.config import RunConfig
 from server.checkpoint import load_latest_checkpoint
+from server.engine import GlobalEvaluation
 from server.recorder import RunRecorder
 from server.strategy import LoRAStrategy
 
@@ -27,13 +29,20 @@ def store_path(cfg: RunConfig, out_dir: Path) -> Path:
     return Path(cfg.output.store).resolve() if cfg.output.store else out_dir.parent / "fedlora.db"
 
 
-def open_run(grid: Grid, context: Context, cfg: RunConfig) -> tuple[LoRAStrategy, RunRecorder]:
-    """The strategy and recorder of a run: restored from the last checkpoint on resume, else after round 0."""
+def open_run(
+    grid: Grid, context: Context, cfg: RunConfig, evaluator: GlobalEvaluation | None = None
+) -> tuple[LoRAStrategy, RunRecorder]:
+    """The strategy and recorder of a run: restored from the last checkpoint on resume, else after round 0.
+
+    ``evaluator`` evaluates the exported adapter on the run's fixed held-out set after every round (optional).
+    """
     out_dir = output_dir(cfg)
     checkpoint = load_latest_checkpoint(out_dir / "checkpoints", required=True) if cfg.reliability.resume else None
     run_id = _previous_run_id(out_dir) if checkpoint else str(context.run_id)
     recorder = RunRecorder(cfg, out_dir, run_id, store_path(cfg, out_dir), resume=checkpoint is not None)
-    strategy = LoRAStrategy(cfg, recorder)
+    strategy = LoRAStrategy(cfg, recorder, evaluator=evaluator)
+    if evaluator is not None:
+        write_json_atomic(out_dir / GLOBAL_SET_FILE, evaluator.description)
     if checkpoint is not None:
         strategy.engine.restore(checkpoint.server_round, checkpoint.arrays, checkpoint.meta)
         recorder.rows = list(checkpoint.meta.get("metrics", []))
@@ -41,6 +50,10 @@ def open_run(grid: Grid, context: Context, cfg: RunConfig) -> tuple[LoRAStrategy
     else:
         strategy.evaluate_round_zero(grid)
     return strategy, recorder
+
+
+GLOBAL_SET_FILE = "global_eval_set.json"
+"""Where a run says which examples its global metrics come from."""
 
 
 class NothingTrained(RuntimeError):

@@ -72,6 +72,8 @@ class RunRecorder:
             "round_seconds": round(time.time() - entry.started, 3),
             "epsilon": entry.epsilon,
             "skipped": entry.skipped or "",
+            **{k.replace("-", "_"): v for k, v in entry.metrics.items() if k.startswith("global-")},
+            "global_eval_seconds": round(entry.global_eval_seconds, 3),
             **{f"mean_{k}": round(v, 6) for k, v in mean_energy(entry.diagnostics).items()},
         }
         self.rows = [r for r in self.rows if r["round"] < entry.round] + [row]
@@ -122,15 +124,30 @@ class RunRecorder:
             f"status: {status}" + (f": {reason}" if reason else ""),
             f"rule: {self.cfg.rule}    rounds: {final.get('round', 0)}",
             f"model: {self.cfg.model}    task: {self.cfg.task}",
-            f"round-0 accuracy: {_fmt(first.get('eval_accuracy'))}",
-            f"final accuracy:   {_fmt(final.get('eval_accuracy'))}",
-            f"final eval loss:  {_fmt(final.get('eval_loss'))}",
+            *global_lines(first, final, rank),
+            f"nodes' mean accuracy (each node at its own rank, on its own held-out share): round 0 "
+            f"{_fmt(first.get('eval_accuracy'))}, final {_fmt(final.get('eval_accuracy'))}",
+            f"nodes' mean eval loss: round 0 {_fmt(first.get('eval_loss'))}, final {_fmt(final.get('eval_loss'))}",
             f"bytes up (all rounds):   {sum(r['bytes_up'] for r in self.rows):,}",
             f"bytes down (all rounds): {sum(r['bytes_down'] for r in self.rows):,}",
             f"wall time: {time.time() - self.started:.0f} s",
             f"adapter: {adapter_path} (rank {rank})" if adapter_path else "adapter: none (no round completed)",
         ]
         (self.out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def global_lines(first: dict[str, Any], final: dict[str, Any], rank: int) -> list[str]:
+    """The global metrics (the exported adapter on the fixed held-out set), round 0 and final, when there are any."""
+    if "global_examples" not in final:
+        return ["global evaluation: none (global-eval-examples is 0, or there is no fixed held-out set)"]
+    lines = [
+        f"global evaluation: the exported adapter (rank {rank}) on {final['global_examples']:.0f} held-out examples"
+    ]
+    for name in ("accuracy", "perplexity", "loss"):
+        key = f"global_{name}"
+        if key in final:
+            lines.append(f"global {name}: round 0 {_fmt(first.get(key))}, final {_fmt(final.get(key))}")
+    return lines
 
 
 def _fmt(value: Any) -> str:

@@ -20,7 +20,9 @@ from typing import Any
 from server.run_store import RunStoreError, UnknownRunError, connect, read_schema_version
 
 JSON = dict[str, Any]
-ACCURACY_METRIC = "eval_accuracy"
+ACCURACY = "COALESCE(json_extract(metrics_json, '$.global_accuracy'), json_extract(metrics_json, '$.eval_accuracy'))"
+"""A round's accuracy for the runs list: the global one (the exported adapter on the fixed set) when the run has it,
+else the nodes' mean."""
 SUMMARY_CONFIG_KEYS = ("model", "task", "rule", "dp")
 """Run-config keys repeated in every run summary, so a list of runs says what each one trained."""
 
@@ -33,11 +35,10 @@ SELECT r.*,
         AND t.participated = 1)) AS rounds_skipped,
     (SELECT COUNT(*) FROM rejected WHERE run_id = r.run_id) AS rejected_updates,
     (SELECT COUNT(*) FROM nodes WHERE run_id = r.run_id) AS node_count,
-    (SELECT json_extract(metrics_json, '$.{ACCURACY_METRIC}') AS a FROM rounds
+    (SELECT {ACCURACY} AS a FROM rounds
         WHERE run_id = r.run_id AND a IS NOT NULL ORDER BY a DESC, server_round LIMIT 1) AS best_accuracy,
-    (SELECT server_round FROM rounds WHERE run_id = r.run_id
-        AND json_extract(metrics_json, '$.{ACCURACY_METRIC}') IS NOT NULL
-        ORDER BY json_extract(metrics_json, '$.{ACCURACY_METRIC}') DESC, server_round LIMIT 1) AS best_accuracy_round
+    (SELECT server_round FROM rounds WHERE run_id = r.run_id AND {ACCURACY} IS NOT NULL
+        ORDER BY {ACCURACY} DESC, server_round LIMIT 1) AS best_accuracy_round
 FROM runs AS r
 """
 

@@ -45,6 +45,7 @@ from common.config import RunConfig
 from common.rules.base import Rule
 from common.secure_sum import means_from_sums
 from common.updates import weighted_metric
+from server.engine import GlobalEvaluation
 from server.lifecycle import close_run, open_run
 from server.secure_grid import RecordingGrid
 from server.strategy import LoRAStrategy
@@ -136,9 +137,9 @@ def _share_setting(value: float) -> int | float:
     return int(value) if value > 1 else float(value)
 
 
-def run_secure(grid: Grid, context: Context, cfg: RunConfig) -> None:
+def run_secure(grid: Grid, context: Context, cfg: RunConfig, evaluator: GlobalEvaluation | None = None) -> None:
     """The whole run with SecAgg+ train rounds: round 0 evaluation (or resume), the rounds, the exported adapter."""
-    strategy, recorder = open_run(grid, context, cfg)
+    strategy, recorder = open_run(grid, context, cfg, evaluator)
     try:
         for server_round in range(1, cfg.num_rounds - strategy.engine.round_offset + 1):
             secure_train_round(grid, context, cfg, strategy, server_round)

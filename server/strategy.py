@@ -19,7 +19,7 @@ from flwr.supercore import log
 from common.codec import records
 from common.config import RunConfig
 from common.validation import UpdateLimits
-from server.engine import RoundEngine
+from server.engine import GlobalEvaluation, RoundEngine
 from server.recorder import RunRecorder
 from server.replies import decode_evaluate_replies, decode_query_replies, decode_train_replies, split_replies
 from server.sampling import wait_for_nodes
@@ -31,7 +31,13 @@ QUERY_TIMEOUT_S = 120.0
 class LoRAStrategy(FedAvg):
     """Heterogeneous-rank federated LoRA on Flower's Message API."""
 
-    def __init__(self, cfg: RunConfig, recorder: RunRecorder, limits: UpdateLimits | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        recorder: RunRecorder,
+        limits: UpdateLimits | None = None,
+        evaluator: GlobalEvaluation | None = None,
+    ) -> None:
         reliability = cfg.reliability
         super().__init__(
             fraction_train=reliability.fraction_train,
@@ -42,7 +48,7 @@ class LoRAStrategy(FedAvg):
         )
         self.cfg = cfg
         self.recorder = recorder
-        self.engine = RoundEngine(cfg, limits)
+        self.engine = RoundEngine(cfg, limits, evaluator)
 
     # --- round phases (Flower's hooks) -------------------------------------------------------------------------
     def configure_train(
@@ -83,6 +89,7 @@ class LoRAStrategy(FedAvg):
         for node_id, reason in [*failed, *malformed]:
             log(WARNING, "evaluate reply from node %d ignored: %s", node_id, reason)
         metrics = self.engine.aggregate_evaluate(server_round, decoded, ok)
+        metrics.update(self.engine.evaluate_global())
         self.flush_log()
         self.recorder.record_round(self.engine.outcome, self.engine.checkpoint_state())
         return MetricRecord(dict(metrics.items())) if metrics else None

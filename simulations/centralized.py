@@ -29,6 +29,7 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
     """Train on the pooled data, evaluate after every round-equivalent, write the outputs; return the rows."""
     # Imported here so that `fedlora --help` and input errors do not pay for torch and transformers.
     from client.data import pooled_data, tokenize
+    from client.global_eval import GlobalEvaluator
     from client.model import attach_lora, default_targets, get_adapter, load_classifier, resolve_model
     from client.task_types import lora_settings
     from client.train import TrainSettings, evaluate, pick_device, train
@@ -36,9 +37,8 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
     from server.export import plot_metrics, save_peft_adapter, write_metrics
 
     started = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", {"mode": "centralized", "num-nodes": nodes, **cfg.to_mapping()})
-    data = pooled_data(cfg, cfg.task, nodes)
+    data, evaluator = pooled_data(cfg, cfg.task, nodes), GlobalEvaluator.from_config(cfg)
     base, tokenizer = load_classifier(resolve_model(cfg.model), data.num_labels, cfg.seed)
     rank = max(cfg.lora.node_ranks[:nodes] or cfg.lora.node_ranks)
     settings = lora_settings(cfg, rank, cfg.lora.target_modules or default_targets(base))
@@ -53,6 +53,7 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
         row = {
             "round": step // per_round,
             "step": step,
+            **({k.replace("-", "_"): v for k, v in evaluator.evaluate_model(model).items()} if evaluator else {}),
             "eval_accuracy": result.accuracy,
             "eval_loss": result.loss,
             "train_loss": train_loss,
@@ -60,9 +61,8 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
         }
         rows.append(row)
         write_metrics(rows, out_dir)
-        print(
-            f"centralized | step {step}/{steps} | accuracy {result.accuracy:.3f} | {row['seconds']:.0f} s", flush=True
-        )
+        shown = row.get("global_accuracy", result.accuracy)
+        print(f"centralized | step {step}/{steps} | accuracy {shown:.3f} | {row['seconds']:.0f} s", flush=True)
 
     record(0, None)
     schedule = dataclasses.replace(
@@ -78,11 +78,17 @@ def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str,
 
 
 def write_summary(out_dir: Path, rows: list[dict[str, Any]], title: str, started: float) -> None:
-    """``summary.txt``: what ran, the accuracy before and after, the wall time."""
-    lines = [
-        title,
-        f"round-0 accuracy: {rows[0]['eval_accuracy']:.4f}",
-        f"final accuracy:   {rows[-1]['eval_accuracy']:.4f}",
+    """``summary.txt``: what ran, the accuracy before and after (on the global set and on the pooled node shares),
+    the wall time."""
+    lines = [title]
+    if "global_accuracy" in rows[-1]:
+        lines.append(
+            f"global accuracy ({rows[-1]['global_examples']:.0f} held-out examples, the federated run's set): "
+            f"round 0 {rows[0]['global_accuracy']:.4f}, final {rows[-1]['global_accuracy']:.4f}"
+        )
+    lines += [
+        f"pooled held-out shares accuracy: round 0 {rows[0]['eval_accuracy']:.4f}, "
+        f"final {rows[-1]['eval_accuracy']:.4f}",
         f"wall time: {time.time() - started:.0f} s",
     ]
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

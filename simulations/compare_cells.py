@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,7 @@ def run_federated(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str],
 
 def run_inprocess(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """The same federated rounds without Flower (``simulations.inprocess``): real node code and aggregation."""
+    from client.global_eval import GlobalEvaluator
     from client.node import evaluate_node, train_node
     from simulations.inprocess import RoundResult, run_rounds, simulated_nodes
 
@@ -130,10 +131,14 @@ def run_inprocess(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str],
         elapsed = time.time() - started
         echo(f"in-process | round {result.round}/{cfg.num_rounds} | accuracy {accuracy:.3f} | {elapsed:.0f} s")
 
-    results = run_rounds(cfg, simulated_nodes(cfg, num_nodes), train_node, evaluate_node, on_round=progress)
+    evaluator = GlobalEvaluator.from_config(cfg)
+    results = run_rounds(
+        cfg, simulated_nodes(cfg, num_nodes), train_node, evaluate_node, on_round=progress, evaluator=evaluator
+    )
     return [
         {
             "round": r.round,
+            **{k.replace("-", "_"): v for k, v in r.global_metrics.items()},
             "eval_accuracy": r.weighted("eval-accuracy"),
             "eval_loss": r.weighted("eval-loss"),
             "bytes_up_per_node": int(statistics.fmean(r.bytes_up_per_node)) if r.bytes_up_per_node else 0,
@@ -154,6 +159,7 @@ def run_centralized_cell(overlay: dict[str, Any], cell_dir: Path) -> list[dict[s
 
 def run_local_cell(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """Each node alone: the federated node recipe without aggregation; node metrics averaged per round."""
+    from client.global_eval import GlobalEvaluator
     from client.node import evaluate_node, node_info, train_node
     from common.updates import AdapterFactors, weighted_metric
     from server.engine import make_instruction
@@ -161,6 +167,7 @@ def run_local_cell(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str]
 
     cfg, num_nodes = resolved(overlay, cell_dir / "run")
     nodes = simulated_nodes(cfg, num_nodes)
+    evaluator = GlobalEvaluator.from_config(cfg)
     own: dict[int, AdapterFactors] = {}
     rows: list[dict[str, Any]] = []
     started = time.time()
@@ -175,6 +182,7 @@ def run_local_cell(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str]
             evaluations.append(evaluate_node(cfg, node, ins))
         row = {
             "round": rnd,
+            **local_global_metrics(evaluator, own, nodes, rnd, cfg.num_rounds),
             "eval_accuracy": weighted_metric(evaluations, "eval-accuracy"),
             "eval_loss": weighted_metric(evaluations, "eval-loss"),
             "eval_accuracy_node_mean": statistics.fmean(e.metrics["eval-accuracy"] for e in evaluations),
@@ -185,6 +193,21 @@ def run_local_cell(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str]
             f"local-only | round {rnd}/{cfg.num_rounds} | accuracy {row['eval_accuracy']:.3f} | {row['seconds']:.0f} s"
         )
     return rows
+
+
+def local_global_metrics(
+    evaluator: Any, own: dict[int, Any], nodes: Sequence[Any], rnd: int, rounds: int
+) -> dict[str, float]:
+    """Local-only training on the run's fixed held-out set: every node's own adapter, averaged over nodes, in round 0
+    (the untrained model, the same for all) and the last round (each evaluation costs a global evaluation)."""
+    if evaluator is None or rnd not in (0, rounds):
+        return {}
+    if rnd == 0:
+        metrics = [evaluator(None, nodes[0].rank)]
+    else:
+        metrics = [evaluator(own[node.partition_id], node.rank) for node in nodes]
+    keys = sorted(set(metrics[0]) - {"global-examples"})
+    return {k.replace("-", "_"): statistics.fmean(m[k] for m in metrics) for k in keys}
 
 
 def run_cell(

@@ -24,7 +24,7 @@ from client.node import node_info
 from client.node_settings import NodeSettings
 from common.config import RunConfig
 from common.updates import AdapterFactors, EvaluateReply, Instruction, TrainReply, weighted_metric
-from server.engine import RoundEngine
+from server.engine import GlobalEvaluation, RoundEngine
 
 TrainFn = Callable[[RunConfig, NodeSettings, Instruction], TrainReply]
 EvaluateFn = Callable[[RunConfig, NodeSettings, Instruction], EvaluateReply]
@@ -42,6 +42,8 @@ class RoundResult:
     aggregation_seconds: float = 0.0
     seconds: float = 0.0
     skipped: str | None = None
+    global_metrics: dict[str, float] = field(default_factory=dict)
+    """``global-*`` metrics of the exported adapter on the run's fixed held-out set (empty without an evaluator)."""
 
     def weighted(self, key: str) -> float:
         """Example-weighted mean of an evaluation metric over nodes (NaN when none reports it)."""
@@ -96,19 +98,21 @@ def run_rounds(
     transport: Transport = float32_transport,
     on_round: Callable[[RoundResult], None] | None = None,
     evaluate_every_round: bool = True,
+    evaluator: GlobalEvaluation | None = None,
 ) -> list[RoundResult]:
     """Round 0 (evaluation only), then ``cfg.num_rounds`` rounds of sample → train → aggregate → evaluate.
 
     With ``evaluate_every_round`` False only round 0 and the last round are evaluated (the others report no
-    evaluations), which saves time where evaluation is expensive (a causal LM on a CPU).
+    evaluations), which saves time where evaluation is expensive (a causal LM on a CPU). With an ``evaluator`` the
+    exported adapter is evaluated on the run's fixed held-out set whenever the nodes evaluate.
     """
-    engine = RoundEngine(cfg)
+    engine = RoundEngine(cfg, evaluator=evaluator)
     by_id = {node.partition_id: node for node in nodes}
     for node in nodes:
         engine.remember(node.partition_id, node_info(cfg, node), 0)
     started = time.perf_counter()
     engine.begin(0)
-    results = [RoundResult(0, evaluate_all(engine, nodes, evaluate_fn, 0))]
+    results = [RoundResult(0, evaluate_all(engine, nodes, evaluate_fn, 0), global_metrics=engine.evaluate_global())]
     results[0].seconds = time.perf_counter() - started
     if on_round is not None:
         on_round(results[0])
@@ -130,6 +134,7 @@ def run_rounds(
             [r.adapter.nbytes for r in replies.values()],
             outcome.aggregation_seconds,
             skipped=outcome.skipped,
+            global_metrics=engine.evaluate_global() if evaluate else {},
         )
         result.seconds = time.perf_counter() - started
         results.append(result)

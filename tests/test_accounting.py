@@ -118,7 +118,7 @@ def test_opacus_is_imported_on_first_use_and_leaves_the_root_logger_alone() -> N
 
     script = (
         "import logging, sys\n"
-        "import client.client_app, server.server_app\n"
+        "import client.client_app, simulations.coordinator_app\n"
         "assert 'opacus' not in sys.modules, 'importing the apps imported opacus'\n"
         "before = list(logging.getLogger().handlers)\n"
         "from common.accounting import compose_epsilon\n"

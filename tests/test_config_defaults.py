@@ -60,7 +60,7 @@ WRONG_VALUES: dict[str, object] = {
     "noise-multiplier": -1.0, "target-epsilon": float("inf"), "max-grad-norm": 0.0, "clip-norm": -1.0, "delta": 1.0,
     "accountant": "gdp", "noise-seed": -2, "secagg-num-shares": 2, "secagg-reconstruction-threshold": 1.5,
     "secagg-clipping-range": 0.0, "secagg-quantization-range": 1, "secagg-modulus-range": 3000,
-    "secagg-max-weight": 0.0, "keep-checkpoints": "three",
+    "secagg-max-weight": 0.0, "keep-checkpoints": "three", "global-eval-examples": -1,
 }  # fmt: skip
 """A wrong value for every key whose values can be wrong by themselves (names and paths are checked where used)."""
 
@@ -74,4 +74,5 @@ def test_a_wrong_value_is_refused_naming_the_key(key: str) -> None:
 
 def test_every_checked_key_has_a_wrong_value() -> None:
     free_form = {"model", "task", "target-modules", "labels", "out-dir", "store", "audit-dir", "inject-faults"}
+    free_form |= {"server-eval-data"}
     assert set(flat_keys()) - free_form - set(WRONG_VALUES) == set()

@@ -52,6 +52,11 @@ def test_a_task_that_cannot_be_split_over_the_nodes_is_refused_saying_why(tmp_pa
     refused(tmp_path, ["simulate", *TINY, "--nodes", "100"], "task tiny cannot be split over 100 nodes")
 
 
+def test_a_missing_server_eval_file_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "held-out.jsonl"
+    refused(tmp_path, ["simulate", *TINY, "--set", f'server-eval-data="{missing}"'], f"{missing} does not exist")
+
+
 def test_local_data_without_labels_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "posts.jsonl"
     data.write_text('{"text": "a rocket", "label": 0}\n{"text": "a song", "label": 1}\n')

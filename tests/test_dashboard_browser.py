@@ -145,7 +145,7 @@ def check_run_page_matches_the_store(page: Page, facts: StoreFacts) -> None:
     assert page.locator("#run-status").inner_text() == facts.status == "completed"
     assert page.locator("#rounds-done").inner_text() == str(facts.rounds_done) == str(ROUNDS)
     assert page.locator("#rounds-planned").inner_text() == str(facts.rounds_planned)
-    best = max(a for m in facts.metrics.values() if (a := m.get("eval_accuracy")) is not None)
+    best = max(a for m in facts.metrics.values() if (a := m.get("global_accuracy")) is not None)
     assert shown_value(page, "#best-accuracy") == best
     assert page.locator("#best-accuracy").inner_text() == f"{100 * best:.2f}%"
     assert "model tiny" in page.locator("#run-setup").inner_text()
@@ -160,7 +160,7 @@ def check_run_page_matches_the_store(page: Page, facts: StoreFacts) -> None:
 
     for server_round, metrics in facts.metrics.items():
         round_row = f'#rounds-table tr[data-round="{server_round}"]'
-        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+        for key in ("train_loss", "eval_loss", "global_accuracy", "eval_accuracy"):
             assert shown_value(page, f"{round_row} .{key}") == metrics.get(key), (server_round, key)
         participants = facts.participants.get(server_round, 0)
         assert page.locator(f"{round_row} .participants").inner_text() == str(participants)
@@ -182,7 +182,8 @@ def check_run_page_matches_the_store(page: Page, facts: StoreFacts) -> None:
 
     rounds = sorted(facts.metrics)
     assert page.evaluate("Chart.getChart('chart-eval').data.labels") == rounds
-    assert chart_data(page, "chart-eval", 0) == [facts.metrics[r].get("eval_accuracy") for r in rounds]
+    assert chart_data(page, "chart-eval", 0) == [facts.metrics[r].get("global_accuracy") for r in rounds]
+    assert chart_data(page, "chart-eval", 1) == [facts.metrics[r].get("eval_accuracy") for r in rounds]
     assert chart_data(page, "chart-bytes", 0) == [facts.bytes_down.get(r, 0) for r in rounds]
     for canvas in ("chart-eval", "chart-train", "chart-bytes", "chart-energy"):
         assert painted_pixels(page, canvas) > 500, f"{canvas} was not drawn"

@@ -49,3 +49,16 @@ def test_an_unknown_partitioner_is_named() -> None:
         partition_indices(SORTED_LABELS, 4, "shards", seed=0)
     with pytest.raises(ValueError, match="num-partitions must be at least 1"):
         partition_indices(SORTED_LABELS, 0, "iid", seed=0)
+
+
+def test_stratified_indices_keep_every_labels_share_and_repeat() -> None:
+    from client.tasks import stratified_indices
+
+    labels = [0] * 600 + [1] * 300 + [2] * 100
+    chosen = stratified_indices(labels, 100, seed=3)
+    counts = [sum(labels[i] == c for i in chosen) for c in range(3)]
+    assert len(chosen) == len(set(chosen)) == 100 and counts == [60, 30, 10]
+    assert chosen == stratified_indices(labels, 100, seed=3) != stratified_indices(labels, 100, seed=4)
+    assert stratified_indices(labels, 5000, seed=3) == list(range(1000))
+    uneven = stratified_indices([0, 0, 0, 1, 1, 2], 4, seed=0)  # exact shares 2, 1.33, 0.67: remainders decide
+    assert sorted(labels_of for labels_of in ([0, 0, 0, 1, 1, 2][i] for i in uneven)) == [0, 0, 1, 2]

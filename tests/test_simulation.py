@@ -116,6 +116,41 @@ def test_exported_adapter_loads_with_stock_peft_and_matches_the_global_model(tin
     np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_the_global_accuracy_is_the_exported_adapters_accuracy_on_its_posts(tiny_simulation: SimulationRun) -> None:
+    """The coordinator's global metric, recomputed with stock transformers and peft from the exported folder and the
+    posts global_eval_set.json names."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from client.tasks import load_tiny
+
+    # Arrange: the posts the coordinator evaluated on, by position in the tiny task's test split.
+    chosen = json.loads((tiny_simulation.out_dir / "global_eval_set.json").read_text())
+    test = load_tiny().test
+    assert chosen["indices"] == list(range(len(test)))  # 160 test posts, fewer than global-eval-examples: all
+    texts, labels = (
+        [test.texts[i] for i in chosen["indices"]],
+        torch.tensor([test.labels[i] for i in chosen["indices"]]),
+    )
+    # Act: the exported adapter on a fresh base model, evaluated by hand.
+    path = resolve_model("tiny")
+    model = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(path, num_labels=4), str(tiny_simulation.out_dir / "adapter")
+    ).eval()
+    tokens = AutoTokenizer.from_pretrained(path)(
+        texts, truncation=True, max_length=16, padding="max_length", return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**tokens).logits
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    # Assert
+    final = tiny_simulation.metrics()[-1]
+    assert final["global_examples"] == len(texts)
+    assert final["global_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert final["global_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("node_name", sorted(RANKS))
 def test_run_store_knows_each_node_rank(tiny_simulation: SimulationRun, node_name: str) -> None:
     import sqlite3

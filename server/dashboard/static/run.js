@@ -34,7 +34,10 @@
   function initCharts() {
     const title = (text) => ({ display: true, text });
     charts.eval = makeChart("chart-eval", "line",
-      [series("eval accuracy", COLORS[0], { yAxisID: "y" }), series("eval loss", COLORS[1], { yAxisID: "y1" })],
+      [series("global accuracy (exported adapter)", COLORS[0], { yAxisID: "y" }),
+        series("nodes' accuracy (own rank, own share)", COLORS[2], { yAxisID: "y", borderDash: [6, 4] }),
+        series("global loss", COLORS[1], { yAxisID: "y1" }),
+        series("nodes' loss", COLORS[3], { yAxisID: "y1", borderDash: [6, 4] })],
       { y: { min: 0, max: 1, title: title("accuracy") },
         y1: { position: "right", grid: { drawOnChartArea: false }, title: title("loss") } });
     charts.train = makeChart("chart-train", "line", [series("train loss", COLORS[3])], { y: { title: title("loss") } });
@@ -120,7 +123,8 @@
 
   function renderCharts(rounds, diagnostics) {
     const labels = rounds.map((r) => r.server_round);
-    setData(charts.eval, labels, [rounds.map((r) => metric(r, "eval_accuracy")), rounds.map((r) => metric(r, "eval_loss"))]);
+    setData(charts.eval, labels, ["global_accuracy", "eval_accuracy", "global_loss", "eval_loss"].map(
+      (key) => rounds.map((r) => metric(r, key))));
     setData(charts.train, labels, [rounds.map((r) => metric(r, "train_loss"))]);
     setData(charts.bytes, labels, [rounds.map((r) => r.bytes_down_total), rounds.map((r) => r.bytes_up_total)]);
     const epsilon = rounds.map((r) => r.epsilon);
@@ -216,7 +220,7 @@
       f.cell(tr, String(round.participants.length), "num participants", round.participants.length);
       f.cell(tr, String(round.rejected), "num rejected", round.rejected);
       ["train_loss", "eval_loss"].forEach((key) => f.cell(tr, f.formatFixed(metric(round, key), 4), "num " + key, metric(round, key)));
-      f.cell(tr, f.formatPercent(metric(round, "eval_accuracy")), "num eval_accuracy", metric(round, "eval_accuracy"));
+      ["global_accuracy", "eval_accuracy"].forEach((key) => f.cell(tr, f.formatPercent(metric(round, key)), "num " + key, metric(round, key)));
       f.cell(tr, f.formatBytes(round.bytes_down_total), "num bytes_down", round.bytes_down_total);
       f.cell(tr, f.formatBytes(round.bytes_up_total), "num bytes_up", round.bytes_up_total);
       const seconds = round.server_round === 0 || round.skipped ? null : round.aggregation_seconds;
