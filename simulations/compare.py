@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from common.rules.registry import RULE_NAMES
-from simulations.compare_cells import BASELINES, Cell, format_duration, quiet_warnings, run_cell, say, set_threads
+from simulations.compare_cells import (
+    BASELINES,
+    VARIANTS,
+    Cell,
+    format_duration,
+    quiet_warnings,
+    run_cell,
+    say,
+    set_threads,
+)
 from simulations.launcher import PROJECT_DIR
 from simulations.simulate import parse_set, read_overlay
 
@@ -53,8 +62,9 @@ def plan(
 ) -> list[Cell]:
     """Every cell, seed-major so that a partial matrix has whole seeds of every configuration."""
     for method in methods:
-        if method not in (*RULE_NAMES, *BASELINES):
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join((*RULE_NAMES, *BASELINES))}")
+        if method not in (*RULE_NAMES, *VARIANTS, *BASELINES):
+            known = ", ".join((*RULE_NAMES, *VARIANTS, *BASELINES))
+            raise ValueError(f"unknown method {method!r}; choose from {known}")
     return [Cell(m, r, d, s) for s in seeds for r in ranks for d in data for m in methods]
 
 
@@ -69,6 +79,7 @@ def cell_overlay(
     overlay["seed"] = cell.seed
     if cell.method in RULE_NAMES:
         overlay["rule"] = cell.method
+    overlay.update(VARIANTS.get(cell.method, {}))
     return overlay
 
 
@@ -106,10 +117,14 @@ Runner = Callable[["Cell", dict[str, Any], Path, Callable[[str], None], str], li
 
 def summarise_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the report needs from a cell's rows (accuracy per round, final accuracy, and traffic/time if present)."""
-    keep = ("round", "eval_accuracy", "eval_loss", "bytes_up_per_node", "aggregation_seconds", "round_seconds")
+    keep: tuple[str, ...] = ("round", "global_accuracy", "global_loss", "eval_accuracy", "eval_loss")
+    keep += ("bytes_up_per_node", "aggregation_seconds", "round_seconds", "global_eval_seconds")
+    final = rows[-1] if rows else {}
     return {
         "rows": [{k: r[k] for k in keep if k in r} for r in rows],
-        "final_accuracy": rows[-1]["eval_accuracy"] if rows else None,
+        "final_accuracy": final.get("global_accuracy", final.get("eval_accuracy")),
+        "final_nodes_accuracy": final.get("eval_accuracy"),
+        "metric": "global" if "global_accuracy" in final else "nodes",
     }
 
 

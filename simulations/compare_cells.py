@@ -24,7 +24,10 @@ from simulations.launcher import PROJECT_DIR
 from simulations.simulate import merged_config
 
 BASELINES = ("centralized", "local")
-"""The non-federated methods of the matrix (every other method is a rule, :data:`common.rules.registry.RULE_NAMES`)."""
+"""The non-federated methods of the matrix (every other method is a rule, :data:`common.rules.registry.RULE_NAMES`, or
+one of its :data:`VARIANTS`)."""
+VARIANTS: dict[str, dict[str, Any]] = {"svd-plain": {"rule": "svd", "keep-residual": False}}
+"""Federated methods that are a rule with settings: ``svd-plain`` is FlexLoRA's plain average (no keep-residual)."""
 
 
 @dataclass(frozen=True)
