@@ -66,13 +66,13 @@ class RunConfig:
     num_rounds: int = 10
     """Federated rounds after round 0 (round 0 only evaluates the untrained model)."""
     rule: str = "svd"
-    """Aggregation rule (:mod:`common.rules.registry`): ``svd`` (FlexLoRA), ``fedavg`` (zero-padded FedAvg of factors)
-    or ``ffa`` (FFA-LoRA)."""
+    """Aggregation rule (:mod:`common.rules.registry`): ``svd`` (FlexLoRA), ``raflora`` (rank-partitioned FlexLoRA),
+    ``fedavg`` (zero-padded FedAvg of factors) or ``ffa`` (FFA-LoRA)."""
     keep_residual: bool = True
     """``svd``: give back to each node's term what serving it at its rank cut from the global update, so directions
     beyond the low ranks are not averaged away (:meth:`common.rules.svd.SVD.aggregate_module`). ``false`` is
-    FlexLoRA's plain average of products. The other rules, and central DP (which already averages each node's change
-    from what it was served), aggregate as before."""
+    FlexLoRA's plain average of products. The other rules (``raflora`` answers the same loss its own way), and
+    central DP (which already averages each node's change from what it was served), aggregate as before."""
     model: str = "minilm-l6"
     """Model preset name (``minilm-l6``, ``tiny``) or a local Hugging Face folder."""
     task: str = "newsgroups"
@@ -93,6 +93,11 @@ class RunConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
         check_rule_name(self.rule)
+        if self.privacy.dp == "central":
+            from common.rules.registry import central_dp_refusal, rule_class  # imports torch, as below
+
+            if not rule_class(self.rule).supports_central_dp:
+                raise ValueError(central_dp_refusal(self.rule))
         if self.secagg.enabled:
             from common.rules.registry import rule_class  # imports torch; only needed with secure aggregation
 

@@ -1,8 +1,11 @@
 """Per-module aggregation diagnostics, computed from the factors.
 
 - ``energy_kept``: for each target rank r, the fraction of ‖ΔW̄‖²_F that the best rank-r approximation keeps,
-  Σ_{k≤r} σ_k² / Σ_k σ_k² (Eckart–Young). Energy piling into the smallest shared ranks round after round is the
-  "rank collapse" of raFLoRA (arXiv 2602.13486).
+  Σ_{k≤r} σ_k² / Σ_k σ_k² (Eckart–Young).
+- ``min_rank_energy``: the rank-collapse measure of raFLoRA (Wu et al. 2026, arXiv 2602.13486), the share of the
+  global update's energy in the minimum shared rank, Σ_{k≤r_min} σ_k(G)² / Σ_k σ_k(G)² for the global G = B_g·A_g
+  after the round and r_min the smallest node rank. Close to 1 round after round: the directions only the higher-rank
+  nodes can hold are being averaged away.
 - ``product_norm``: ‖X·Y‖_F as ‖R_X R_Yᵀ‖_F from the QR factors of X and Yᵀ, not from the Gram form
   tr((XᵀX)(YYᵀ)): that sum cancels when the product is small against its factors, which left a floor near √eps
   (in float32 a true fedavg error of 3e-5 read as 2.4e-4). Rules add their own diagnostics
@@ -30,6 +33,21 @@ def energy_kept(clients: Sequence[ClientFactors], weights: Sequence[float], rank
         return [1.0 for _ in ranks]
     cumulative = torch.cumsum(energy, 0)
     return [float(cumulative[min(r, len(energy)) - 1]) / total for r in ranks]
+
+
+def global_min_rank_energy(
+    lora: Mapping[str, tuple[ArrayLike, ArrayLike]], ranks: Sequence[int]
+) -> dict[str, dict[str, float]]:
+    """Per module of a global adapter (factors at scaling 1): ``min_rank_energy`` at r_min = min(``ranks``).
+
+    Computed from the global alone, so every rule and every privacy setting reports it; none without ranks.
+    """
+    if not ranks:
+        return {}
+    r_min = min(ranks)
+    return {
+        module: {"min_rank_energy": energy_kept([(a, b, 1.0)], [1.0], [r_min])[0]} for module, (a, b) in lora.items()
+    }
 
 
 def product_norm(b: Tensor, a: Tensor) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig
-from common.diagnostics import global_energy_kept
+from common.diagnostics import global_energy_kept, global_min_rank_energy
 from common.lora import lora_scaling
 from common.rules.base import Rule, to_float32
 from common.rules.central_dp import CentralDP
@@ -104,11 +104,18 @@ class GlobalAdapter:
             diagnostics = self.global_diagnostics(diagnose_ranks)
             return RoundAggregate(seconds, diagnostics, epsilon=self.central_dp.epsilon, note=note)
         assert released is not None, "a rule without central DP always releases its aggregate"
-        return RoundAggregate(seconds, self.rule.adapter_diagnostics(released, replies, diagnose_ranks))
+        diagnostics = self.rule.adapter_diagnostics(released, replies, diagnose_ranks)
+        for module, values in global_min_rank_energy(self.lora, diagnose_ranks).items():
+            diagnostics.setdefault(module, {}).update(values)
+        return RoundAggregate(seconds, diagnostics)
 
     def global_diagnostics(self, ranks: Sequence[int]) -> dict[str, dict[str, float]]:
-        """Energy kept at each rank by the global adapter itself: what can be reported without any client's update."""
-        return global_energy_kept(self.lora, ranks)
+        """Energy kept at each rank by the global adapter itself, and its rank-collapse measure
+        (``min_rank_energy``): what can be reported without any client's update."""
+        diagnostics = global_energy_kept(self.lora, ranks)
+        for module, values in global_min_rank_energy(self.lora, ranks).items():
+            diagnostics.setdefault(module, {}).update(values)
+        return diagnostics
 
     def load_means(self, lora: dict[str, tuple[np.ndarray, np.ndarray]], head: dict[str, np.ndarray]) -> None:
         """Install weighted means computed elsewhere (SecAgg+): per module (Ā, s·B̄) zero-padded to the largest rank.

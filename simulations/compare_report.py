@@ -11,19 +11,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.compare_cells import format_duration
+from simulations.compare_cells import BASELINES, format_duration
 from simulations.launcher import PROJECT_DIR
 
 METHOD_LABELS = {
-    "svd": "svd",
+    "svd": "svd + keep-residual",
+    "svd-plain": "svd (plain FlexLoRA)",
+    "raflora": "raflora",
     "fedavg": "fedavg (zero-padded)",
     "ffa": "ffa",
     "centralized": "centralized",
     "local": "local-only",
 }
+"""Column labels, in the table's order (``svd`` is the rule with its default ``keep-residual = true``)."""
 RANK_LABELS = {"homogeneous": "homogeneous r=8", "heterogeneous": "heterogeneous 2…32"}
 DATA_LABELS = {"iid": "IID", "dirichlet": "Dirichlet α=0.5", "two-labels": "two labels/node"}
-FEDERATED = ("svd", "fedavg", "ffa")
+FEDERATED = tuple(m for m in METHOD_LABELS if m not in BASELINES)
 ENGINE_TEXT = {
     "flower": "real Flower simulations (`fedlora simulate`, one process per node message)",
     "inprocess": "in-process rounds (`--engine inprocess`): the coordinator's `GlobalAdapter` aggregation and the "
@@ -143,6 +146,32 @@ def engines(results: Sequence[dict[str, Any]]) -> str:
     return " + ".join(used) or "n/a"
 
 
+METRIC_TEXT = {
+    "global": (
+        "Final accuracy after the last round of the adapter a user exports (the global adapter at the largest node",
+        "rank) on one fixed held-out set of the task, the same for every cell. The baselines on the same set:",
+        "centralized its one model, local-only the mean over nodes of each node's own adapter.",
+    ),
+    "nodes": (
+        "Final held-out accuracy after the last round (each node evaluates the global adapter at its own rank on its",
+        "own held-out split; example-weighted over nodes).",
+    ),
+}
+"""What the table's number is, by :func:`metric_of`."""
+
+
+def metric_of(results: Sequence[dict[str, Any]]) -> str:
+    """``global`` when every federated cell measured the exported adapter on the fixed set, else ``nodes``."""
+    federated = [r for r in results if r["method"] in FEDERATED]
+    return "global" if federated and all(r.get("metric") == "global" for r in federated) else "nodes"
+
+
+def accuracy(row: dict[str, Any]) -> float:
+    """A round's accuracy: the global metric where the row has it, else the nodes' mean."""
+    value = row.get("global_accuracy")
+    return float(row["eval_accuracy"] if value is None else value)
+
+
 BASELINE_NOTES = (
     "- **centralized**: one LoRA at the largest node rank on the pooled data of all nodes, with the federated",
     "  run's total optimizer steps (rounds × nodes × local steps) and one schedule; evaluated on the union of",
@@ -170,10 +199,11 @@ def write_report(
     """Write ``aggregation.md`` and the plots into ``folder``; return the markdown path."""
     folder.mkdir(parents=True, exist_ok=True)
     plots = plot_accuracy(results, folder / "aggregation-accuracy.png", scale)
+    plots += plot_collapse(results, folder / "aggregation-collapse.png", scale)
     seeds = sorted({int(r["seed"]) for r in results})
-    round0 = [float(r["rows"][0]["eval_accuracy"]) for r in results if r["rows"]]
+    round0 = [float(accuracy(r["rows"][0])) for r in results if r["rows"]]
     lines = [
-        "# Aggregation rules: svd vs fedavg vs ffa, against centralized and local-only training",
+        "# Aggregation rules, against centralized and local-only training",
         "",
         scale_line(scale, overlay),
         "",
@@ -183,9 +213,9 @@ def write_report(
         f"- Commit: {commit()}; written {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}.",
         *time_lines(results, wall_seconds),
         "",
-        "Final held-out accuracy after the last round (each node evaluates the global adapter at its own rank on its",
-        "own held-out split; example-weighted over nodes), mean ± sample std over seeds. Bold: the best federated",
-        f"rule(s) of the row. Untrained model (round 0): {mean_std(round0)}.",
+        *METRIC_TEXT[metric_of(results)],
+        "Mean ± sample std over seeds. Bold: the best federated rule(s) of the row. Untrained model (round 0):",
+        f"{mean_std(round0)}.",
         "",
         *accuracy_table(results),
         "",
@@ -198,7 +228,9 @@ def write_report(
             if failures
             else []
         ),
-        "Accuracy per round (mean over seeds, band ± std):",
+        "Accuracy per round (mean over seeds, band ± std), and the rank-collapse measure of every federated rule",
+        "where it was recorded (`mean_min_rank_energy`: the share of the global update's energy in the smallest",
+        "node rank, mean over modules; raFLoRA, arXiv 2602.13486):",
         "",
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",
@@ -228,7 +260,9 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: Path, scale: str) -> 
                 if not runs:
                     continue
                 length = min(len(r["rows"]) for r in runs)
-                curves = np.array([[row["eval_accuracy"] for row in r["rows"][:length]] for r in runs], dtype=float)
+                every = all("global_accuracy" in row for r in runs for row in r["rows"])
+                metric = "global_accuracy" if every else "eval_accuracy"  # local-only has it in the last round only
+                curves = np.array([[row[metric] for row in r["rows"][:length]] for r in runs], dtype=float)
                 x = [row["round"] for row in runs[0]["rows"][:length]]
                 mean, std = curves.mean(axis=0), curves.std(axis=0, ddof=1) if len(runs) > 1 else 0 * curves[0]
                 style = "-" if method in FEDERATED else "--"
@@ -244,6 +278,48 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: Path, scale: str) -> 
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.suptitle(f"Accuracy per round by aggregation rule (scale {scale})")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def plot_collapse(results: Sequence[dict[str, Any]], path: Path, scale: str) -> list[Path]:
+    """Per data split with heterogeneous ranks: ``mean_min_rank_energy`` per round, one line per federated method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = group(results)
+    splits = [d for d in DATA_LABELS if any(k[0] == "heterogeneous" and k[1] == d for k in groups)]
+    key = "mean_min_rank_energy"
+    if not any(key in row for r in results for row in r["rows"]) or not splits:
+        return []
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), sharey=True, squeeze=False)
+    for ax, data in zip(axes[0], splits, strict=True):
+        for method in FEDERATED:
+            runs = [r for r in groups.get(("heterogeneous", data, method), []) if any(key in row for row in r["rows"])]
+            if not runs:
+                continue
+            length = min(len(r["rows"]) for r in runs)
+            x = [row["round"] for row in runs[0]["rows"][:length] if row["round"] >= 1]
+            curves = np.array(
+                [[row.get(key, np.nan) for row in r["rows"][:length] if row["round"] >= 1] for r in runs], dtype=float
+            )
+            mean = np.nanmean(curves, axis=0)
+            ax.plot(x, mean, marker="o", markersize=3, label=METHOD_LABELS[method])
+            if len(runs) > 1:
+                std = np.nanstd(curves, axis=0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+        ax.set_title(f"{RANK_LABELS['heterogeneous']} · {DATA_LABELS[data]}")
+        ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of ‖G‖² in the smallest rank")
+    axes[0][0].legend(fontsize=9)
+    fig.suptitle(f"Rank collapse: the global update's energy in the smallest node rank (scale {scale})")
+    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]

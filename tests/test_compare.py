@@ -27,9 +27,15 @@ from simulations.simulate import merged_config, read_overlay
 
 def fake_rows(final: float, rounds: int = 2) -> list[dict[str, Any]]:
     """Per-round rows of a run that ends at ``final`` accuracy."""
-    return [
+    rows: list[dict[str, Any]] = [
         {"round": r, "eval_accuracy": 0.25 + (final - 0.25) * r / rounds, "eval_loss": 1.0} for r in range(rounds + 1)
     ]
+    for row in rows[1:]:
+        row["mean_min_rank_energy"] = 1.0 - final / (1 + row["round"])
+    return rows
+
+
+FINALS = {"svd": 0.8, "svd-plain": 0.75, "raflora": 0.78, "fedavg": 0.7, "ffa": 0.6, "centralized": 0.9, "local": 0.5}
 
 
 class FakeRunner:
@@ -46,9 +52,7 @@ class FakeRunner:
         self.ran.append(cell.name)
         if cell.name in self.fail:
             raise RuntimeError("simulated failure")
-        return fake_rows(
-            {"svd": 0.8, "fedavg": 0.7, "ffa": 0.6, "centralized": 0.9, "local": 0.5}[cell.method] + 0.01 * cell.seed
-        )
+        return fake_rows(FINALS[cell.method] + 0.01 * cell.seed)
 
 
 def test_plan_covers_the_matrix_with_unique_names() -> None:
@@ -140,18 +144,25 @@ def test_eta_uses_the_mean_time_of_the_same_kind() -> None:
 
 def test_table_shows_mean_and_std_over_seeds_and_bolds_the_best_rule(tmp_path: Path) -> None:
     # Arrange
-    cells = plan([0, 1, 2], ["svd", "fedavg", "ffa", "centralized", "local"], ["heterogeneous"], ["dirichlet"])
+    methods = ["svd", "svd-plain", "raflora", "fedavg", "ffa", "centralized", "local"]
+    cells = plan([0, 1, 2], methods, ["heterogeneous"], ["dirichlet"])
     results, _ = run_matrix(cells, "tiny", tmp_path / "runs", runner=FakeRunner(), echo=lambda _: None)
     # Act
     table = accuracy_table(results)
     report = write_report(results, "tiny", cell_overlay("tiny", cells[0]), tmp_path / "results", 12.0, len(cells))
     # Assert
-    assert table[0] == "| ranks | data | svd | fedavg (zero-padded) | ffa | centralized | local-only |"
-    assert table[2].startswith("| heterogeneous 2…32 | Dirichlet α=0.5 | **0.810 ± 0.010** | 0.710 ± 0.010 |")
+    assert table[0] == (
+        "| ranks | data | svd + keep-residual | svd (plain FlexLoRA) | raflora | fedavg (zero-padded) | ffa "
+        "| centralized | local-only |"
+    )
+    assert table[2].startswith(
+        "| heterogeneous 2…32 | Dirichlet α=0.5 | **0.810 ± 0.010** | 0.760 ± 0.010 | 0.790 ± 0.010 | 0.710 ± 0.010 |"
+    )
     text = report.read_text()
     for expected in ("Scale **tiny**", "Machine:", "Commit:", "Time:", "aggregation-accuracy.png", "seeds [0, 1, 2]"):
         assert expected in text
-    assert (tmp_path / "results" / "aggregation-accuracy.png").stat().st_size > 0
+    for plot in ("aggregation-accuracy.png", "aggregation-collapse.png"):
+        assert f"]({plot})" in text and (tmp_path / "results" / plot).stat().st_size > 0
 
 
 def test_seeds_are_a_count_or_a_list() -> None:

@@ -114,7 +114,8 @@ def test_diagnostics_per_round_and_module(client: TestClient) -> None:
 
     assert [d["server_round"] for d in diagnostics] == [4]
     module = diagnostics[0]["modules"]["base_model.model.bert.encoder.layer.0.attention.self.query"]
-    assert set(module) == {"energy_kept_r4", "energy_kept_r8", "energy_kept_r16"}
+    assert set(module) == {"energy_kept_r4", "energy_kept_r8", "energy_kept_r16", "min_rank_energy"}
+    assert module["min_rank_energy"] == module["energy_kept_r4"]
     assert module["energy_kept_r4"] < module["energy_kept_r8"] < module["energy_kept_r16"] <= 1
 
 

@@ -58,6 +58,7 @@ class StoreFacts:
     nodes: dict[str, tuple[str, int, str, int, int]]  # node id -> (name, rank, device, participated, rejected)
     rejected: list[tuple[int, str, str]]
     modules: list[str]  # the latest round's diagnostics
+    collapse: dict[int, float | None]  # per aggregated round: min_rank_energy, mean over modules (None if none)
 
 
 def _query(conn: sqlite3.Connection, sql: str, run_id: str) -> list[Any]:
@@ -100,7 +101,14 @@ def store_facts(db: Path) -> StoreFacts:
         nodes={node_id: (name, rank, device, p, j) for node_id, name, rank, device, p, j in nodes},
         rejected=[tuple(row) for row in rejected],
         modules=sorted(diagnostics[-1]) if diagnostics else [],
+        collapse={r: mean_of(json.loads(d), "min_rank_energy") for r, _, d in sorted(rounds) if r >= 1},
     )
+
+
+def mean_of(diagnostics: dict[str, dict[str, float]], key: str) -> float | None:
+    """The mean over modules of one diagnostic (None when no module has it)."""
+    values = [m[key] for m in diagnostics.values() if key in m]
+    return sum(values) / len(values) if values else None
 
 
 def painted_pixels(page: Page, canvas_id: str) -> int:
@@ -185,6 +193,10 @@ def check_run_page_matches_the_store(page: Page, facts: StoreFacts) -> None:
     assert chart_data(page, "chart-eval", 0) == [facts.metrics[r].get("global_accuracy") for r in rounds]
     assert chart_data(page, "chart-eval", 1) == [facts.metrics[r].get("eval_accuracy") for r in rounds]
     assert chart_data(page, "chart-bytes", 0) == [facts.bytes_down.get(r, 0) for r in rounds]
+    labels = page.evaluate("Chart.getChart('chart-energy').data.datasets.map((d) => d.label)")
+    collapse = chart_data(page, "chart-energy", next(i for i, x in enumerate(labels) if x.startswith("rank collapse")))
+    assert collapse == pytest.approx([facts.collapse[r] for r in sorted(facts.collapse)])
+    assert any(v is not None and 0 < v <= 1 for v in collapse)
     for canvas in ("chart-eval", "chart-train", "chart-bytes", "chart-energy"):
         assert painted_pixels(page, canvas) > 500, f"{canvas} was not drawn"
     assert page.locator("#adapter-link").is_visible()

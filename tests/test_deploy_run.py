@@ -35,7 +35,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reas
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 RANKS = {"node-0": 2, "node-1": 8}
 ROUNDS = 2
-RUN_CONFIG: dict[str, Any] = {**TINY_SETTINGS, "node-ranks": "2,8", "rule": "svd", "num-rounds": ROUNDS, "min-nodes": 2}
+RUN_CONFIG: dict[str, Any] = {
+    **TINY_SETTINGS, "node-ranks": "2,8", "rule": "raflora", "num-rounds": ROUNDS, "min-nodes": 2
+}  # fmt: skip
+"""raflora here, svd (the default) in the simulations: every rule goes through the same engine, so the deployed run
+also shows that the newest rule works on real SuperNodes."""
 INTRUDER_EXIT_S = 120.0
 """How long a refused SuperNode may take to give up (it retries the connection a few times first)."""
 RUN_TIMEOUT_S = 1500
@@ -219,9 +223,10 @@ def test_the_deployed_run_computes_what_the_simulation_computes(
     record_property("deployment-overhead", report)
     print(f"\ndeployment vs simulation: {json.dumps(report)}")
     # Assert: the same numbers, whatever the transport.
-    for key in ("eval_loss", "eval_accuracy", "train_loss", "bytes_up", "bytes_down"):
-        got = [row[key] for row in deployed.metrics()]
-        want = [row[key] for row in simulation.metrics()]
+    assert all(0 < row["mean_min_rank_energy"] <= 1 for row in deployed.metrics()[1:])  # the collapse measure
+    for key in ("eval_loss", "eval_accuracy", "train_loss", "bytes_up", "bytes_down", "mean_min_rank_energy"):
+        got = [row.get(key) for row in deployed.metrics()]
+        want = [row.get(key) for row in simulation.metrics()]
         assert np.allclose(np.array(got, dtype=float), np.array(want, dtype=float), rtol=1e-5, equal_nan=True), key
 
 

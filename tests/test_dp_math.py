@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+from common.config import RunConfig
 from common.dp import (
     add_gaussian_noise,
     clip_factors,
@@ -22,11 +23,14 @@ from common.dp import (
 )
 from common.lora import LoRAFactors, frobenius_norm_sq
 from common.rules.base import GaussianMechanism
-from common.rules.central_dp import dp_mean
-from common.rules.registry import RULE_NAMES, get_rule
+from common.rules.central_dp import CentralDP, CentralDPSettings, dp_mean
+from common.rules.registry import RULE_NAMES, get_rule, rule_class
 from common.rules.svd import SVD
 
 SEED = 1234
+
+DP_RULES = sorted(n for n in RULE_NAMES if rule_class(n).supports_central_dp)
+"""The rules central DP can wrap (raflora cannot: see its docstring)."""
 
 
 def dense_norm(f: LoRAFactors) -> float:
@@ -198,7 +202,7 @@ def zero_global(out: int, n_in: int, rank: int) -> tuple[torch.Tensor, torch.Ten
     return torch.zeros(rank, n_in, dtype=torch.float64), torch.zeros(out, rank, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+@pytest.mark.parametrize("name", DP_RULES)
 def test_measured_noise_std_is_z_c_over_m(name: str) -> None:
     z, c, m = 1.3, 0.7, 5
     zeros = [(torch.zeros(3, 30, dtype=torch.float64), torch.zeros(400, 3, dtype=torch.float64), 2.0)] * m
@@ -228,7 +232,7 @@ def client_factors(g: torch.Generator, ranks: list[int], shared_a: bool = False)
     return factors
 
 
-@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+@pytest.mark.parametrize("name", DP_RULES)
 def test_dp_off_equals_the_plain_rule_with_uniform_weights(name: str) -> None:
     rule = get_rule(name)
     g = torch.Generator().manual_seed(SEED)
@@ -251,7 +255,7 @@ def test_svd_without_noise_releases_the_uniform_mean_over_the_public_denominator
     torch.testing.assert_close(lora_B @ lora_A, sum(f.delta() for f in factors) / 4)
 
 
-@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+@pytest.mark.parametrize("name", DP_RULES)
 def test_unclipped_contribution_is_refused(name: str) -> None:
     factors = client_factors(torch.Generator().manual_seed(SEED), [2, 2], shared_a=True)
     clients = [(f.lora_A, f.lora_B, f.scaling) for f in factors]
@@ -276,7 +280,7 @@ def test_clipped_then_noised_svd_round_trip_is_finite_and_seeded() -> None:
     np.testing.assert_array_equal(runs[0][1].numpy(), runs[1][1].numpy())
 
 
-@pytest.mark.parametrize("name", sorted(RULE_NAMES))
+@pytest.mark.parametrize("name", DP_RULES)
 @settings(max_examples=20, deadline=None)
 @given(factor=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
 def test_clipping_a_change_scales_what_the_rule_releases_by_the_factor(name: str, factor: float, seed: int) -> None:
@@ -292,3 +296,13 @@ def test_clipping_a_change_scales_what_the_rule_releases_by_the_factor(name: str
     assert math.sqrt(rule.released_sq_norm(clipped)) == pytest.approx(
         factor * math.sqrt(rule.released_sq_norm(change)), rel=1e-9
     )
+
+
+@pytest.mark.parametrize("name", sorted(set(RULE_NAMES) - set(DP_RULES)))
+def test_a_rule_without_central_dp_refuses_the_wrapper_and_the_update(name: str) -> None:
+    cfg = RunConfig.from_mapping({"dp": "central", "noise-multiplier": 1.0})
+    with pytest.raises(ValueError, match=f"dp='central' cannot be combined with rule '{name}'"):
+        CentralDP(get_rule(name), CentralDPSettings.from_config(cfg))
+    clients = [(torch.zeros(2, 12, dtype=torch.float64), torch.zeros(10, 2, dtype=torch.float64), 1.0)]
+    with pytest.raises(ValueError, match="cannot be combined"):
+        get_rule(name).private_update(zero_global(10, 12, 2), clients, mechanism(1.0, 1.0, 1), 2)

@@ -113,6 +113,8 @@ class Rule(ABC):
     """The per-module summands a node feeds into secure aggregation (``A``, ``s·B``, ``rows``; empty if none)."""
     freezes_lora_A: ClassVar[bool] = False
     """Nodes keep lora_A at the shared seeded init and train lora_B only."""
+    supports_central_dp: ClassVar[bool] = True
+    """:class:`common.rules.central_dp.CentralDP` can wrap the rule (its hooks release a uniform mean of changes)."""
 
     @classmethod
     def from_config(cls, cfg: RuleSettings) -> Rule:

@@ -45,6 +45,7 @@ from common.dp import clip_scale, make_generator, tensor_norm
 from common.lora import Tensor
 from common.rules.base import Change, GaussianMechanism, Rule, SeededInit, to_float32
 from common.rules.factors import FactorPair
+from common.rules.registry import central_dp_refusal
 from common.updates import AdapterFactors, TrainReply
 
 
@@ -105,6 +106,8 @@ class CentralDP:
     """
 
     def __init__(self, rule: Rule, settings: CentralDPSettings) -> None:
+        if not rule.supports_central_dp:
+            raise ValueError(central_dp_refusal(rule.name))
         self.rule = rule
         self.settings = settings
         self.ledger = PrivacyLedger(settings.accountant)

@@ -16,6 +16,7 @@ _RULES: dict[str, tuple[str, str]] = {
     "svd": ("common.rules.svd", "SVD"),
     "fedavg": ("common.rules.fedavg", "FedAvg"),
     "ffa": ("common.rules.ffa", "FFA"),
+    "raflora": ("common.rules.raflora", "RaFLoRA"),
 }
 RULE_NAMES: tuple[str, ...] = tuple(_RULES)
 """Every rule a config can name (``rule = "svd"``)."""
@@ -26,6 +27,15 @@ def check_rule_name(name: str) -> str:
     if name not in _RULES:
         raise ValueError(f"unknown aggregation rule {name!r}; choose one of {sorted(RULE_NAMES)}")
     return name
+
+
+def central_dp_refusal(name: str) -> str:
+    """Why rule ``name`` cannot run under central DP (:attr:`common.rules.base.Rule.supports_central_dp`)."""
+    able = sorted(n for n in RULE_NAMES if rule_class(n).supports_central_dp)
+    return (
+        f"dp='central' cannot be combined with rule {name!r}: central DP releases a uniform mean of each node's change "
+        f"with noise for 1/m, and {name!r} re-weights parts of the updates; use one of {able}"
+    )
 
 
 def rule_class(name: str) -> type[Rule]:

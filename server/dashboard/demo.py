@@ -55,7 +55,10 @@ def demo_round(server_round: int, node_ids: Sequence[int], ranks: Sequence[int],
     refused = {n for n, _ in rejected}
     participants = [n for n in node_ids if n not in refused]
     diagnostics = {
-        module: {f"energy_kept_r{r}": energy_kept(r, server_round, i) for r in sorted(set(ranks))}
+        module: {
+            **{f"energy_kept_r{r}": energy_kept(r, server_round, i) for r in sorted(set(ranks))},
+            "min_rank_energy": energy_kept(min(ranks), server_round, i),
+        }
         for i, module in enumerate(MODULES)
     }
     return RoundRecord(

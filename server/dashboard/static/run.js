@@ -8,6 +8,9 @@
   const POLL_IDLE_MS = 10000;
   const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
   const ENERGY_KEY = /^energy_kept_r(\d+)$/;
+  // Diagnostics drawn dashed next to the energy kept at each rank: the rank-collapse measure (the share of the
+  // global update's energy in the smallest node rank, arXiv 2602.13486) and fedavg's aggregation error.
+  const DASHED = { min_rank_energy: "rank collapse: global's energy in r_min", fedavg_error: "fedavg error" };
   const charts = {};
   let lastStamp = null;
   let renders = 0;
@@ -107,16 +110,16 @@
     diagnostics.forEach((d) => Object.values(d.modules).forEach((values) => Object.keys(values).forEach((key) => {
       const match = ENERGY_KEY.exec(key);
       if (match) keys.set(key, Number(match[1]));
-      else if (key === "fedavg_error") keys.set(key, Infinity);
+      else if (key in DASHED) keys.set(key, Infinity);
     })));
-    const sorted = [...keys.entries()].sort((a, b) => a[1] - b[1]).map((entry) => entry[0]);
+    const sorted = [...keys.entries()].sort((a, b) => a[1] - b[1] || a[0].localeCompare(b[0])).map((e) => e[0]);
     return sorted.map((key, i) => {
       const mean = diagnostics.map((d) => {
         const values = Object.values(d.modules).map((m) => m[key]).filter(f.isNumber);
         return values.length ? values.reduce((a, b) => a + b, 0) / values.length : null;
       });
-      const label = key === "fedavg_error" ? "fedavg error" : `r = ${keys.get(key)}`;
-      const dash = key === "fedavg_error" ? { borderDash: [6, 4] } : {};
+      const label = DASHED[key] || `r = ${keys.get(key)}`;
+      const dash = key in DASHED ? { borderDash: [6, 4], borderWidth: 3 } : {};
       return Object.assign(series(label, COLORS[i % COLORS.length], dash), { data: mean });
     });
   }
