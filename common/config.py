@@ -23,6 +23,7 @@ from common.config_sections import (
     OutputSection,
     PrivacySection,
     ReliabilitySection,
+    RobustnessSection,
     SecAggSection,
     TrainingSection,
     flat_key_of,
@@ -55,7 +56,7 @@ MAX_ROUNDS = 100_000
 INT64 = 2**63
 """Flower's records hold 64-bit integers: a larger value could never reach a node."""
 
-SECTIONS = ("lora", "training", "data", "privacy", "secagg", "reliability", "output")
+SECTIONS = ("lora", "training", "data", "privacy", "secagg", "reliability", "robustness", "output")
 """The sections of :class:`RunConfig`, in the order their keys are flattened."""
 
 
@@ -85,6 +86,7 @@ class RunConfig:
     privacy: PrivacySection = field(default_factory=PrivacySection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
     reliability: ReliabilitySection = field(default_factory=ReliabilitySection)
+    robustness: RobustnessSection = field(default_factory=RobustnessSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,8 @@ PARTITIONERS = ("dirichlet", "iid", "pathological")
 SCHEDULES = ("cosine", "linear")
 SCHEDULE_SPANS = ("run", "round")
 DP_MODES = ("off", "local", "central")
+WEIGHTINGS = ("examples-capped", "examples", "uniform")
+NORM_BOUNDS = ("off", "median", "fixed")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -261,6 +263,40 @@ class ReliabilitySection:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         parse_faults(self.inject_faults)
+
+
+@dataclass(frozen=True)
+class RobustnessSection:
+    """What one hostile or broken node can do to the aggregate: its weight, its norm, and how the global is watched."""
+
+    weighting: str = "examples-capped"
+    """A node's weight in the aggregate: ``examples`` (its reported num-examples), ``examples-capped`` (that, capped
+    at ``weight-cap`` × the round's median and at the first count the coordinator accepted from the node) or
+    ``uniform`` (every node the same)."""
+    weight_cap: float = 3.0
+    """``examples-capped``: the largest weight, as a multiple of the round's median num-examples."""
+    norm_bound: str = "off"
+    """Scale each node's ΔW = s·B·A (every module, and its head) down to at most a bound before any rule aggregates:
+    ``median`` (the round's median norm), ``fixed`` (``norm-bound-value``) or ``off`` (Sun et al. 2019)."""
+    norm_bound_value: float = 1.0
+    """The bound of ``norm-bound = "fixed"``, in ‖ΔW‖_F over all modules."""
+    byzantine_nodes: int = 1
+    """``multikrum``: f, the hostile nodes to tolerate; it averages the n − f nodes closest to their n − f − 2
+    nearest neighbours."""
+    collapse_warning_share: float = 0.05
+    """Warn (log, ``metrics.csv``, dashboard) when the global served at a node's rank keeps less than this share of
+    the stored global's energy, or the stored global's effective rank falls below the smallest node rank."""
+
+    def __post_init__(self) -> None:
+        _one_of("weighting", self.weighting, WEIGHTINGS)
+        _one_of("norm-bound", self.norm_bound, NORM_BOUNDS)
+        if not (math.isfinite(self.weight_cap) and self.weight_cap >= 1):
+            raise ValueError(f"weight-cap must be a finite number >= 1, got {self.weight_cap}")
+        _positive(self, "norm_bound_value")
+        if self.byzantine_nodes < 0:
+            raise ValueError(f"byzantine-nodes must be a non-negative integer, got {self.byzantine_nodes}")
+        if not 0.0 <= self.collapse_warning_share < 1.0:
+            raise ValueError(f"collapse-warning-share must be in [0, 1), got {self.collapse_warning_share}")
 
 
 @dataclass(frozen=True)

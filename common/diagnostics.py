@@ -2,10 +2,11 @@
 
 - ``energy_kept``: for each target rank r, the fraction of ‖ΔW̄‖²_F that the best rank-r approximation keeps,
   Σ_{k≤r} σ_k² / Σ_k σ_k² (Eckart–Young).
-- ``min_rank_energy``: the rank-collapse measure of raFLoRA (Wu et al. 2026, arXiv 2602.13486), the share of the
-  global update's energy in the minimum shared rank, Σ_{k≤r_min} σ_k(G)² / Σ_k σ_k(G)² for the global G = B_g·A_g
-  after the round and r_min the smallest node rank. Close to 1 round after round: the directions only the higher-rank
-  nodes can hold are being averaged away.
+- :func:`served_diagnostics`: the same for the stored global G = B_g·A_g that nodes are served (keep-residual
+  included), its effective rank, and ``min_rank_energy``, the rank-collapse measure of raFLoRA (Wu et al. 2026,
+  arXiv 2602.13486): Σ_{k≤r_min} σ_k(G)² / Σ_k σ_k(G)² for r_min the smallest node rank. Close to 1 round after
+  round: the directions only the higher-rank nodes can hold are being averaged away. :func:`rank_warning` turns them
+  into one line for the log.
 - ``product_norm``: ‖X·Y‖_F as ‖R_X R_Yᵀ‖_F from the QR factors of X and Yᵀ, not from the Gram form
   tr((XᵀX)(YYᵀ)): that sum cancels when the product is small against its factors, which left a floor near √eps
   (in float32 a true fedavg error of 3e-5 read as 2.4e-4). Rules add their own diagnostics
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,19 +37,58 @@ def energy_kept(clients: Sequence[ClientFactors], weights: Sequence[float], rank
     return [float(cumulative[min(r, len(energy)) - 1]) / total for r in ranks]
 
 
-def global_min_rank_energy(
+EFFECTIVE_RANK_RTOL = 1e-3
+"""A singular value counts towards the effective rank when it is above this share of the largest."""
+
+
+def served_diagnostics(
     lora: Mapping[str, tuple[ArrayLike, ArrayLike]], ranks: Sequence[int]
 ) -> dict[str, dict[str, float]]:
-    """Per module of a global adapter (factors at scaling 1): ``min_rank_energy`` at r_min = min(``ranks``).
+    """Per module of a stored global G = B·A (scaling 1), what serving it keeps, from one factored SVD:
 
-    Computed from the global alone, so every rule and every privacy setting reports it; none without ranks.
+    ``energy_kept_r<r>`` for every rank in ``ranks`` (the share of ‖G‖²_F a node at rank r receives),
+    ``min_rank_energy`` (the same at the smallest rank: raFLoRA's rank-collapse measure) and ``effective_rank``
+    (singular values above :data:`EFFECTIVE_RANK_RTOL` of the largest). What can be reported without any client's
+    update (central DP, secure aggregation); none of the rank keys without ranks.
     """
-    if not ranks:
-        return {}
+    out: dict[str, dict[str, float]] = {}
+    for module, (a, b) in lora.items():
+        spectrum = aggregate_svd([(a, b, 1.0)], [1.0], rank=0).S.to(torch.float64)
+        energy = spectrum**2
+        total = float(energy.sum())
+        cumulative = torch.cumsum(energy, 0)
+        values = {"effective_rank": float(int((spectrum > EFFECTIVE_RANK_RTOL * spectrum.max()).sum()))}
+        for r in ranks:
+            values[f"energy_kept_r{r}"] = float(cumulative[min(r, len(energy)) - 1]) / total if total > 0 else 1.0
+        if ranks:
+            values["min_rank_energy"] = values[f"energy_kept_r{min(ranks)}"]
+        out[module] = values
+    return out
+
+
+def rank_warning(diagnostics: Mapping[str, Mapping[str, float]], ranks: Sequence[int], share: float) -> str:
+    """One line when the stored global fails a node, else "".
+
+    ``collapse``: a module's effective rank is below the smallest node rank (the global has collapsed into fewer
+    directions than any node can hold); ``thin``: served at the smallest rank, a module keeps less than ``share`` of
+    the global's energy (that node receives a poor copy). The worst module is named.
+    """
+    if not ranks or not diagnostics:
+        return ""
     r_min = min(ranks)
-    return {
-        module: {"min_rank_energy": energy_kept([(a, b, 1.0)], [1.0], [r_min])[0]} for module, (a, b) in lora.items()
-    }
+    lowest = min(diagnostics, key=lambda m: (diagnostics[m].get("effective_rank", math.inf), m))
+    effective = diagnostics[lowest].get("effective_rank", math.inf)
+    if effective < r_min:
+        return (
+            f"collapse: the global's effective rank in {lowest} is {effective:.0f}, below the smallest node rank "
+            f"{r_min}"
+        )
+    key = f"energy_kept_r{r_min}"
+    thinnest = min(diagnostics, key=lambda m: (diagnostics[m].get(key, math.inf), m))
+    kept = diagnostics[thinnest].get(key, math.inf)
+    if kept < share:
+        return f"thin: served at rank {r_min}, {thinnest} keeps {kept:.1%} of the global's energy (< {share:.1%})"
+    return ""
 
 
 def product_norm(b: Tensor, a: Tensor) -> float:
@@ -55,16 +96,3 @@ def product_norm(b: Tensor, a: Tensor) -> float:
     r_b = torch.linalg.qr(b, mode="r").R  # (min(out, k), k)
     r_a = torch.linalg.qr(a.T, mode="r").R  # (min(in, k), k)
     return float(torch.linalg.matrix_norm(r_b @ r_a.T))
-
-
-def global_energy_kept(
-    lora: Mapping[str, tuple[ArrayLike, ArrayLike]], ranks: Sequence[int]
-) -> dict[str, dict[str, float]]:
-    """Per module of a global adapter (factors at scaling 1): ``energy_kept_r<r>`` for every rank in ``ranks``.
-
-    What can be reported about a round without any client's update (central DP, secure aggregation).
-    """
-    return {
-        module: {f"energy_kept_r{r}": k for r, k in zip(ranks, energy_kept([(a, b, 1.0)], [1.0], ranks), strict=True)}
-        for module, (a, b) in lora.items()
-    }

@@ -11,7 +11,8 @@ data (logged and recorded with their reason), never exceptions.
 
 The norm rule is robust to scale: a node is an outlier when its ‖ΔW‖_F, taken over all its modules with
 ΔW = s·B·A computed in factored form (:func:`common.lora.frobenius_norm_sq`), exceeds ``norm_factor`` times the
-round's median. The rule needs at least three nodes to separate anything: with two, the median is their mean.
+round's median; the same holds for its head's ‖head‖_F (:func:`head_norm`), which a node sends whole. The rule
+needs at least three nodes to separate anything: with two, the median is their mean.
 """
 
 from __future__ import annotations
@@ -182,14 +183,19 @@ def lora_update_norm(reply: TrainReply) -> float:
     return math.hypot(*(_module_norm(a, b, scaling) for a, b in reply.adapter.lora.values()))
 
 
-def norm_outliers(norms: Mapping[int, float], factor: float) -> dict[int, str]:
+def head_norm(reply: TrainReply) -> float:
+    """‖head‖_F over every head tensor of a checked reply (the head is sent whole, not as a change)."""
+    return math.hypot(*(float(np.linalg.norm(np.asarray(t, dtype=np.float64))) for t in reply.adapter.head.values()))
+
+
+def norm_outliers(norms: Mapping[int, float], factor: float, what: str = "‖ΔW‖_F") -> dict[int, str]:
     """Return node id → reason for every norm above ``factor`` × the median of the round's finite norms.
 
     A non-finite (or negative) norm is always an outlier. When the median is 0 there is no scale to compare with and
-    no finite norm is rejected.
+    no finite norm is rejected. ``what`` names the norm in the reason.
     """
     outliers = {
-        node: f"{NORM}: ‖ΔW‖_F is {value}, not a finite non-negative number"
+        node: f"{NORM}: {what} is {value}, not a finite non-negative number"
         for node, value in norms.items()
         if not (math.isfinite(value) and value >= 0)
     }
@@ -200,7 +206,7 @@ def norm_outliers(norms: Mapping[int, float], factor: float) -> dict[int, str]:
     bound = factor * median
     for node, value in norms.items():
         if node not in outliers and median > 0 and value > bound:
-            outliers[node] = f"{NORM}: ‖ΔW‖_F = {value:.4g} is above {factor:g} × the round's median {median:.4g}"
+            outliers[node] = f"{NORM}: {what} = {value:.4g} is above {factor:g} × the round's median {median:.4g}"
     return outliers
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from common.config import RunConfig
 from common.updates import NodeInfo, TrainReply
-from common.validation import Layout, UpdateLimits, check_update, lora_update_norm, norm_outliers
+from common.validation import Layout, UpdateLimits, check_update, head_norm, lora_update_norm, norm_outliers
 
 Rejection = tuple[int, str]
 """``(node id, reason)``."""
@@ -63,7 +63,7 @@ def accept_updates(
 
     ``layout`` is what replies must match; ``None`` before the first valid round, when the round's consensus
     (:func:`consensus_layout`) becomes the layout. Then the norm rule (:func:`common.validation.norm_outliers`)
-    runs over the updates that passed.
+    runs over the updates that passed: on ‖ΔW‖_F, then on the head's norm.
     """
     if layout is None:
         layout = consensus_layout(replies, known, limits)
@@ -76,6 +76,8 @@ def accept_updates(
         else:
             accepted[node_id] = reply
     outliers = norm_outliers({n: lora_update_norm(r) for n, r in accepted.items()}, limits.norm_factor)
+    heads = {n: head_norm(r) for n, r in accepted.items() if n not in outliers and r.adapter.head}
+    outliers.update(norm_outliers(heads, limits.norm_factor, what="‖head‖_F"))
     for node_id, reason in sorted(outliers.items()):
         rejected.append((node_id, reason))
         del accepted[node_id]

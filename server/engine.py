@@ -21,11 +21,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.config import RunConfig
+from common.diagnostics import rank_warning
 from common.updates import AdapterFactors, EvaluateReply, Instruction, NodeInfo, TrainReply, weighted_metric
 from common.validation import Layout, UpdateLimits
 from server.accept import Rejection, accept_updates, missing_replies, update_limits
 from server.global_adapter import GlobalAdapter
 from server.sampling import sample_nodes, sample_size
+from server.weighting import aggregation_weights
 
 
 class GlobalEvaluation(Protocol):
@@ -66,6 +68,8 @@ class RoundOutcome:
     global_eval_seconds: float = 0.0
     """Time the coordinator spent evaluating the exported adapter on the fixed held-out set."""
     nodes_seen: list[tuple[int, NodeInfo, int]] = field(default_factory=list)
+    warning: str = ""
+    """What the stored global fails at (:func:`common.diagnostics.rank_warning`), or ""."""
     """``(node id, info, round)`` of every node heard from, in order, for the run store."""
 
 
@@ -89,6 +93,8 @@ class RoundEngine:
         self.global_adapter = GlobalAdapter.from_config(cfg)
         self.nodes: dict[int, NodeInfo] = {}
         """Every node met so far: its rank, scaling, name and device."""
+        self.registered: dict[int, int] = {}
+        """The first example count accepted from each node (``weighting = "examples-capped"`` caps later claims)."""
         self.rng = random.Random(cfg.seed)
         self.limits = limits or update_limits(cfg)
         """Bounds every update must respect (from the run config unless given)."""
@@ -185,15 +191,27 @@ class RoundEngine:
             outcome.bytes_up[node_id] = reply.adapter.nbytes
         if len(accepted) < reliability.min_nodes:
             return self.skip(f"only {len(accepted)} valid replies, fewer than min-nodes={reliability.min_nodes}")
-        ordered = [accepted[n] for n in sorted(accepted, key=lambda n: (accepted[n].node.name, n))]
+        order = sorted(accepted, key=lambda n: (accepted[n].node.name, n))
+        ordered = [accepted[n] for n in order]
+        robustness = self.cfg.robustness
+        weights, notes = aggregation_weights(
+            {n: accepted[n].num_examples for n in order}, robustness.weighting, robustness.weight_cap, self.registered
+        )
+        self.journal.extend((logging.WARNING, line) for line in notes)
         result = self.global_adapter.aggregate(
-            ordered, self.ranks, num_sampled=len(outcome.sampled), num_available=outcome.available
+            ordered,
+            self.ranks,
+            weights=[weights[n] for n in order],
+            num_sampled=len(outcome.sampled),
+            num_available=outcome.available,
         )
         if result.note:
             self.journal.append((logging.WARNING, result.note))
+        self.journal.extend((logging.WARNING, f"round {outcome.round}: {line}") for line in result.notes)
         outcome.participants = sorted(accepted)
         outcome.aggregation_seconds = result.seconds
         outcome.diagnostics = result.diagnostics
+        self._warn_about_the_global()
         self._record_metric("train-loss", ordered)
         node_epsilons = [r.metrics["epsilon"] for r in ordered if "epsilon" in r.metrics]
         outcome.epsilon = result.epsilon if result.epsilon is not None else max(node_epsilons, default=None)
@@ -219,6 +237,14 @@ class RoundEngine:
         self.outcome.participants = sorted(participants)
         self.outcome.aggregation_seconds = seconds
         self.outcome.diagnostics = self.global_adapter.global_diagnostics(self.ranks)
+        self._warn_about_the_global()
+
+    def _warn_about_the_global(self) -> None:
+        """Record (and journal) a rank warning for the round's global, if it has one."""
+        share = self.cfg.robustness.collapse_warning_share
+        self.outcome.warning = rank_warning(self.outcome.diagnostics, self.ranks, share)
+        if self.outcome.warning:
+            self.journal.append((logging.WARNING, f"round {self.outcome.round}: rank warning: {self.outcome.warning}"))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Mapping[int, EvaluateReply], answered: Iterable[int]
@@ -283,6 +309,7 @@ class RoundEngine:
             "rule": self.cfg.rule,
             "store-rank": self.global_adapter.store_rank,
             "nodes": {str(n): dataclasses.asdict(info) for n, info in self.nodes.items()},
+            "registered-examples": {str(n): count for n, count in self.registered.items()},
             "rng": [version, list(internal), gauss],
             "aggregator": self.global_adapter.extra_state(),
         }
@@ -295,6 +322,7 @@ class RoundEngine:
         self.global_adapter.load_arrays(arrays)
         self.global_adapter.load_extra_state(meta.get("aggregator", {}))
         self.nodes = {int(n): NodeInfo(**info) for n, info in meta.get("nodes", {}).items()}
+        self.registered = {int(n): int(count) for n, count in meta.get("registered-examples", {}).items()}
         version, internal, gauss = meta["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.round_offset = server_round

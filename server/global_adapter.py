@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig
-from common.diagnostics import global_energy_kept, global_min_rank_energy
+from common.diagnostics import served_diagnostics
 from common.lora import lora_scaling
 from common.rules.base import Rule, to_float32
 from common.rules.central_dp import CentralDP
 from common.rules.registry import rule_for
 from common.updates import AdapterFactors, TrainReply
+from server.norm_bound import bounded_replies
 
 
 @dataclass
@@ -37,6 +38,8 @@ class RoundAggregate:
     """Cumulative ε of central DP after this aggregation (None without central DP)."""
     note: str = ""
     """Why the aggregate was not applied, when it was not (e.g. central DP's budget is spent)."""
+    notes: list[str] = field(default_factory=list)
+    """What the aggregation did to single nodes: bounded changes, nodes a robust rule left out."""
 
 
 @dataclass
@@ -49,13 +52,17 @@ class GlobalAdapter:
     head: dict[str, np.ndarray] = field(default_factory=dict)
     central_dp: CentralDP | None = None
     """Client-level DP around the rule (clip, noise, account) when the run has ``dp = "central"``."""
+    norm_bound: tuple[str, float] = ("off", 1.0)
+    """``norm-bound`` and ``norm-bound-value``: each node's change is bounded before aggregation
+    (:func:`server.norm_bound.bounded_replies`)."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GlobalAdapter:
         """The global adapter a run needs: its rule, ``max-rank`` and, under ``dp = "central"``, its DP state."""
         rule = rule_for(cfg)
         central_dp = CentralDP.from_config(cfg) if cfg.privacy.dp == "central" else None
-        return cls(rule, cfg.lora.max_rank, central_dp=central_dp)
+        bound = (cfg.robustness.norm_bound, cfg.robustness.norm_bound_value)
+        return cls(rule, cfg.lora.max_rank, central_dp=central_dp, norm_bound=bound)
 
     @property
     def empty(self) -> bool:
@@ -82,6 +89,7 @@ class GlobalAdapter:
         replies: Sequence[TrainReply],
         diagnose_ranks: Sequence[int],
         *,
+        weights: Sequence[float] | None = None,
         num_sampled: int | None = None,
         num_available: int | None = None,
     ) -> RoundAggregate:
@@ -93,29 +101,28 @@ class GlobalAdapter:
         """
         aggregator = self.central_dp or self.rule
         started = time.perf_counter()
-        released = aggregator.aggregate_adapter(
-            self.adapter, replies, self.store_rank, num_sampled=num_sampled, num_available=num_available
-        )
+        notes: list[str] = []
+        if self.norm_bound[0] != "off":
+            served = [self.serve(r.node.rank, r.node.scaling) for r in replies]
+            replies, notes = bounded_replies(replies, served, self.head or None, *self.norm_bound)
+        sampling = {"num_sampled": num_sampled, "num_available": num_available}
+        released = aggregator.aggregate_adapter(self.adapter, replies, self.store_rank, weights=weights, **sampling)
+        notes += list(self.rule.notes)
         if released is not None:
             self._commit(released)
         seconds = time.perf_counter() - started
         if self.central_dp is not None:
             note = "" if released is not None else self.central_dp.last_refusal
             diagnostics = self.global_diagnostics(diagnose_ranks)
-            return RoundAggregate(seconds, diagnostics, epsilon=self.central_dp.epsilon, note=note)
+            return RoundAggregate(seconds, diagnostics, epsilon=self.central_dp.epsilon, note=note, notes=notes)
         assert released is not None, "a rule without central DP always releases its aggregate"
-        diagnostics = self.rule.adapter_diagnostics(released, replies, diagnose_ranks)
-        for module, values in global_min_rank_energy(self.lora, diagnose_ranks).items():
-            diagnostics.setdefault(module, {}).update(values)
-        return RoundAggregate(seconds, diagnostics)
+        diagnostics = self.rule.adapter_diagnostics(released, replies, diagnose_ranks, weights)
+        return RoundAggregate(seconds, diagnostics, notes=notes)
 
     def global_diagnostics(self, ranks: Sequence[int]) -> dict[str, dict[str, float]]:
-        """Energy kept at each rank by the global adapter itself, and its rank-collapse measure
-        (``min_rank_energy``): what can be reported without any client's update."""
-        diagnostics = global_energy_kept(self.lora, ranks)
-        for module, values in global_min_rank_energy(self.lora, ranks).items():
-            diagnostics.setdefault(module, {}).update(values)
-        return diagnostics
+        """What the stored global keeps when served at each rank (:func:`common.diagnostics.served_diagnostics`):
+        what can be reported without any client's update."""
+        return served_diagnostics(self.lora, ranks)
 
     def load_means(self, lora: dict[str, tuple[np.ndarray, np.ndarray]], head: dict[str, np.ndarray]) -> None:
         """Install weighted means computed elsewhere (SecAgg+): per module (Ā, s·B̄) zero-padded to the largest rank.

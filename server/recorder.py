@@ -72,6 +72,7 @@ class RunRecorder:
             "round_seconds": round(time.time() - entry.started, 3),
             "epsilon": entry.epsilon,
             "skipped": entry.skipped or "",
+            "rank_warning": entry.warning,
             **{k.replace("-", "_"): v for k, v in entry.metrics.items() if k.startswith("global-")},
             "global_eval_seconds": round(entry.global_eval_seconds, 3),
             **{f"mean_{k}": round(v, 6) for k, v in mean_energy(entry.diagnostics).items()},
@@ -169,4 +170,5 @@ def _store_record(entry: RoundOutcome, checkpoint: Path | None) -> RoundRecord:
         epsilon=entry.epsilon,
         rejected=entry.rejected,
         checkpoint_path=str(checkpoint.resolve()) if checkpoint else None,
+        warning=entry.warning,
     )

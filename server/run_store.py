@@ -49,7 +49,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE rounds ADD COLUMN warning TEXT NOT NULL DEFAULT ''",),
+}
+"""Statements that bring a store from version v to v + 1 (a writer applies them when it opens an older store;
+readers accept the older layout as it is)."""
 FINAL_STATUSES = ("completed", "failed")
 BUSY_TIMEOUT_S = 10.0
 
@@ -87,6 +92,7 @@ CREATE TABLE rounds (
     diagnostics_json TEXT NOT NULL,
     epsilon REAL,
     checkpoint_path TEXT,
+    warning TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (run_id, server_round)
 );
 CREATE TABLE round_nodes (
@@ -160,6 +166,8 @@ class RoundRecord:
     """(node id, reason) for every update refused by validation."""
     checkpoint_path: str | None = None
     """The checkpoint written for this round, if any."""
+    warning: str = ""
+    """What the coordinator warned about the round's global (:func:`common.diagnostics.rank_warning`), or ""."""
 
     def __post_init__(self) -> None:
         if isinstance(self.server_round, bool) or not isinstance(self.server_round, int) or self.server_round < 0:
@@ -235,7 +243,7 @@ def read_schema_version(conn: sqlite3.Connection, path: Path) -> int | None:
             f"{path} uses run store schema version {version}, newer than this fedlora supports ({SCHEMA_VERSION}); "
             "upgrade fedlora to read it"
         )
-    if version < SCHEMA_VERSION:
+    if any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
         raise SchemaVersionError(f"{path} uses run store schema version {version}; no migration to {SCHEMA_VERSION}")
     return version
 
@@ -255,10 +263,15 @@ class RunStore:
             finally:
                 conn.close()
             with self._transaction() as conn:
-                if read_schema_version(conn, self.path) is None:
+                version = read_schema_version(conn, self.path)
+                if version is None:
                     for statement in filter(str.strip, _SCHEMA.split(";")):
                         conn.execute(statement)
                     conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                for old in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[old]:
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version VALUES (?)", (old + 1,))
         except sqlite3.OperationalError as error:  # locked past the timeout, unwritable folder, ...
             raise RunStoreError(f"cannot open the run store {self.path}: {error}") from error
         except sqlite3.DatabaseError as error:
@@ -338,7 +351,8 @@ class RunStore:
             for table in ("round_nodes", "rejected", "rounds"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ? AND server_round = ?", key)
             conn.execute(
-                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO rounds (run_id, server_round, recorded_at, metrics_json, aggregation_seconds, "
+                "diagnostics_json, epsilon, checkpoint_path, warning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     *key,
                     now,
@@ -347,6 +361,7 @@ class RunStore:
                     record.diagnostics_json(),
                     None if record.epsilon is None else float(record.epsilon),
                     record.checkpoint_path,
+                    str(record.warning),
                 ),
             )
             conn.executemany(

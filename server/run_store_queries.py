@@ -210,6 +210,7 @@ class RunStoreReader:
                     "bytes_down_total": sum(t["bytes_down"] for t in nodes),
                     "bytes_up_total": sum(t["bytes_up"] for t in nodes),
                     "rejected": rejected_count.get(row["server_round"], 0),
+                    "warning": row["warning"] if "warning" in row.keys() else "",  # schema 1 had none
                 }
             )
         return out

@@ -184,7 +184,9 @@ def test_ffa_refuses_clients_whose_lora_a_differs() -> None:
 
 def test_unknown_rule_name_lists_the_known_ones() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown aggregation rule 'fedsvd'; choose one of \['fedavg', 'ffa', 'raflora', 'svd'\]"
+        ValueError,
+        match=r"unknown aggregation rule 'fedsvd'; choose one of "
+        r"\['fedavg', 'ffa', 'multikrum', 'raflora', 'rfa', 'svd'\]",
     ):
         get_rule("fedsvd")
 

@@ -60,7 +60,9 @@ WRONG_VALUES: dict[str, object] = {
     "noise-multiplier": -1.0, "target-epsilon": float("inf"), "max-grad-norm": 0.0, "clip-norm": -1.0, "delta": 1.0,
     "accountant": "gdp", "noise-seed": -2, "secagg-num-shares": 2, "secagg-reconstruction-threshold": 1.5,
     "secagg-clipping-range": 0.0, "secagg-quantization-range": 1, "secagg-modulus-range": 3000,
-    "secagg-max-weight": 0.0, "keep-checkpoints": "three", "global-eval-examples": -1,
+    "secagg-max-weight": 0.0, "keep-checkpoints": "three", "global-eval-examples": -1, "weighting": "trust",
+    "weight-cap": 0.5, "norm-bound": "mean", "norm-bound-value": 0.0, "byzantine-nodes": -1,
+    "collapse-warning-share": 1.0,
 }  # fmt: skip
 """A wrong value for every key whose values can be wrong by themselves (names and paths are checked where used)."""
 

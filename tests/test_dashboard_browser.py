@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def simulation_command(tmp_path: Path) -> list[str]:
     """``fedlora simulate`` of the tiny task, 3 nodes at ranks 2/4/8, 3 rounds, writing ``tmp_path/fedlora.db``."""
-    settings = {**TINY_SETTINGS, "num-rounds": ROUNDS, "inject-faults": FAULTS}
+    settings = {**TINY_SETTINGS, "num-rounds": ROUNDS, "inject-faults": FAULTS, "collapse-warning-share": 0.99}
+    # 0.99: no rank-2 copy of a trained global keeps 99% of its energy, so every aggregated round has a rank warning
     return fedlora_command(
         "simulate", "--cpus-per-node", "2",
         "--nodes", str(NODES), "--out", str(tmp_path / "run"), "--store", str(tmp_path / "fedlora.db"),
@@ -59,6 +60,7 @@ class StoreFacts:
     rejected: list[tuple[int, str, str]]
     modules: list[str]  # the latest round's diagnostics
     collapse: dict[int, float | None]  # per aggregated round: min_rank_energy, mean over modules (None if none)
+    warnings: dict[int, str]  # per round: the coordinator's rank warning ("" for none)
 
 
 def _query(conn: sqlite3.Connection, sql: str, run_id: str) -> list[Any]:
@@ -71,6 +73,7 @@ def store_facts(db: Path) -> StoreFacts:
         rounds = _query(
             conn, "SELECT server_round, metrics_json, diagnostics_json FROM rounds WHERE run_id = ?", run_id
         )
+        warnings = dict(_query(conn, "SELECT server_round, warning FROM rounds WHERE run_id = ?", run_id))
         traffic = _query(
             conn,
             "SELECT server_round, SUM(participated), SUM(bytes_down) FROM round_nodes WHERE run_id = ? "
@@ -102,6 +105,7 @@ def store_facts(db: Path) -> StoreFacts:
         rejected=[tuple(row) for row in rejected],
         modules=sorted(diagnostics[-1]) if diagnostics else [],
         collapse={r: mean_of(json.loads(d), "min_rank_energy") for r, _, d in sorted(rounds) if r >= 1},
+        warnings=warnings,
     )
 
 
@@ -193,6 +197,14 @@ def check_run_page_matches_the_store(page: Page, facts: StoreFacts) -> None:
     assert chart_data(page, "chart-eval", 0) == [facts.metrics[r].get("global_accuracy") for r in rounds]
     assert chart_data(page, "chart-eval", 1) == [facts.metrics[r].get("eval_accuracy") for r in rounds]
     assert chart_data(page, "chart-bytes", 0) == [facts.bytes_down.get(r, 0) for r in rounds]
+    aggregated = [r for r in sorted(facts.warnings) if r >= 1 and facts.participants.get(r, 0) > 0]
+    assert aggregated and all(facts.warnings[r].startswith("thin: served at rank 2") for r in aggregated)
+    assert page.locator("#rank-warning").is_visible()
+    last = aggregated[-1]
+    assert page.locator("#rank-warning-text").inner_text() == f"round {last}: {facts.warnings[last]}"
+    for r in aggregated:
+        cell = page.locator(f'#rounds-table tr[data-round="{r}"] .outcome')
+        assert cell.inner_text() == "aggregated · rank warning" and cell.get_attribute("title") == facts.warnings[r]
     labels = page.evaluate("Chart.getChart('chart-energy').data.datasets.map((d) => d.label)")
     collapse = chart_data(page, "chart-energy", next(i for i, x in enumerate(labels) if x.startswith("rank collapse")))
     assert collapse == pytest.approx([facts.collapse[r] for r in sorted(facts.collapse)])

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.diagnostics import energy_kept
+from common.diagnostics import energy_kept, rank_warning, served_diagnostics
 from common.rules.factored_svd import svd_reproject
 from common.rules.fedavg import fedavg_error
 
@@ -187,3 +187,33 @@ def test_diagnostics_validate_clients_like_the_rules() -> None:
         fedavg_error(clients, [1.0, 1.0])
     with pytest.raises(ValueError, match=r"weights must not all be zero"):
         energy_kept(clients[:1], [0.0], [1])
+
+
+# --- what the stored global keeps when served, and the rank warning ------------------------------------------------
+
+
+def global_of_rank(rank: int, seed: int = 0, out: int = 12, n_in: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(rank, n_in)), rng.normal(size=(out, rank))
+
+
+def test_served_diagnostics_are_the_dense_spectrum_of_the_stored_global() -> None:
+    a, b = global_of_rank(6)
+    spectrum = np.linalg.svd(b @ a, compute_uv=False) ** 2
+    values = served_diagnostics({"q": (a, b)}, [2, 4])["q"]
+    assert values["energy_kept_r2"] == pytest.approx(spectrum[:2].sum() / spectrum.sum())
+    assert values["energy_kept_r4"] == pytest.approx(spectrum[:4].sum() / spectrum.sum())
+    assert values["min_rank_energy"] == values["energy_kept_r2"]
+    assert values["effective_rank"] == 6
+
+
+def test_a_global_collapsed_below_the_smallest_rank_warns_and_a_healthy_one_does_not() -> None:
+    collapsed = served_diagnostics({"q": global_of_rank(1), "v": global_of_rank(8, seed=1)}, [2, 8])
+    healthy = served_diagnostics({"q": global_of_rank(8), "v": global_of_rank(8, seed=1)}, [2, 8])
+    assert rank_warning(collapsed, [2, 8], 0.05) == (
+        "collapse: the global's effective rank in q is 1, below the smallest node rank 2"
+    )
+    assert rank_warning(healthy, [2, 8], 0.05) == ""
+    thin = rank_warning(healthy, [2, 8], 0.9)
+    assert thin.startswith("thin: served at rank 2, ") and "of the global's energy (< 90.0%)" in thin
+    assert rank_warning({}, [2], 0.05) == "" and rank_warning(healthy, [], 0.05) == ""

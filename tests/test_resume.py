@@ -35,7 +35,7 @@ from server.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 TAG = "FEDLORA_TEST_PROCESS_TAG"
 """Environment variable that marks every process a test starts (Flower and Ray pass the environment down)."""
-TIMING = {"round_seconds", "aggregation_seconds"}
+TIMING = {"round_seconds", "aggregation_seconds", "global_eval_seconds"}
 """Metrics columns that measure wall time and so differ between any two runs."""
 
 

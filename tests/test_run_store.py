@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.run_store import (
+    _SCHEMA,
     SCHEMA_VERSION,
     RoundRecord,
     RunStore,
@@ -89,6 +90,27 @@ def test_newer_schema_version_is_refused_with_a_clear_message(db: Path) -> None:
         RunStore(db)
     with pytest.raises(SchemaVersionError, match="upgrade fedlora"):
         RunStoreReader(db).list_runs()
+
+
+def test_a_version_1_store_is_read_as_it_is_and_migrated_by_the_next_writer(db: Path) -> None:
+    # Arrange: a store as version 1 wrote it (no rounds.warning column), with one round.
+    schema = _SCHEMA.replace("    warning TEXT NOT NULL DEFAULT '',\n", "")
+    assert schema != _SCHEMA
+    db.parent.mkdir(parents=True)
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")  # as every store is
+        conn.executescript(schema)
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO runs (run_id, config_json, status, rounds_planned, out_dir, started_at, updated_at) "
+                     "VALUES ('old', '{}', 'completed', 1, '/out', 0, 0)")  # fmt: skip
+        conn.execute("INSERT INTO rounds VALUES ('old', 1, 0, '{}', 0.1, '{}', NULL, NULL)")
+    # Act / Assert: a reader takes it as it is; a writer migrates it, keeping the round.
+    assert RunStoreReader(db).rounds("old")[0]["warning"] == ""
+    RunStore(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("SELECT server_round, warning FROM rounds").fetchall() == [(1, "")]
+    assert RunStoreReader(db).rounds("old")[0]["warning"] == ""
 
 
 def test_foreign_sqlite_file_and_garbage_file_are_refused(tmp_path: Path) -> None:

@@ -32,6 +32,15 @@ def test_run_completes_and_writes_outputs(tiny_simulation: SimulationRun) -> Non
     assert "finished:completed" in tiny_simulation.output
 
 
+def test_a_healthy_run_has_no_rank_warning_and_reports_what_is_served(tiny_simulation: SimulationRun) -> None:
+    rows = tiny_simulation.metrics()
+    assert [row["rank_warning"] for row in rows] == ["", "", ""]
+    for row in rows[1:]:
+        assert 0 < row["mean_energy_kept_r2"] < row["mean_energy_kept_r4"] < row["mean_energy_kept_r8"] <= 1
+        assert row["mean_min_rank_energy"] == row["mean_energy_kept_r2"]
+        assert row["mean_effective_rank"] >= 2
+
+
 def test_loss_fell(tiny_simulation: SimulationRun) -> None:
     rows = tiny_simulation.metrics()
     assert rows[2]["eval_loss"] < rows[0]["eval_loss"]

@@ -21,12 +21,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 import numpy as np
 import torch
 
-from common.diagnostics import energy_kept
+from common.diagnostics import served_diagnostics
 from common.dp import add_gaussian_noise, gaussian_noise_std
 from common.lora import ArrayLike, ClientFactors, TargetSpec, Tensor, seeded_lora_a
 from common.rules.factors import FactorPair
@@ -40,6 +40,8 @@ class RuleSettings(Protocol):
     def rule(self) -> str: ...
     @property
     def keep_residual(self) -> bool: ...
+    @property
+    def robustness(self) -> Any: ...
 
 
 Change: TypeAlias = tuple[Tensor, Tensor, float]
@@ -111,6 +113,9 @@ class Rule(ABC):
     """The aggregate is a sum of per-client terms, so secure aggregation (which reveals only sums) can compute it."""
     secure_parts: ClassVar[tuple[str, ...]] = ()
     """The per-module summands a node feeds into secure aggregation (``A``, ``s·B``, ``rows``; empty if none)."""
+    notes: tuple[str, ...] = ()
+    """Lines about single nodes from the last :meth:`aggregate_adapter` (a robust rule's exclusions); empty unless a
+    rule sets them."""
     freezes_lora_A: ClassVar[bool] = False
     """Nodes keep lora_A at the shared seeded init and train lora_B only."""
     supports_central_dp: ClassVar[bool] = True
@@ -156,16 +161,18 @@ class Rule(ABC):
         replies: Sequence[TrainReply],
         store_rank: int,
         *,
+        weights: Sequence[float] | None = None,
         num_sampled: int | None = None,
         num_available: int | None = None,
     ) -> AdapterFactors | None:
-        """One round's new global adapter from validated replies, weighted by their example counts.
+        """One round's new global adapter from validated replies, weighted by ``weights`` (default: their example
+        counts; the coordinator passes :func:`server.weighting.aggregation_weights`).
 
         Every module through :meth:`aggregate_module` (float32, at ``store_rank``, scaling 1); every head tensor by
-        the example-weighted mean (the head is new, not a base weight, and federated with plain FedAvg).
+        the weighted mean (the head is new, not a base weight, and federated with plain FedAvg).
         ``num_sampled`` and ``num_available`` matter only to wrappers that account for sampling (central DP).
         """
-        weights = [float(r.num_examples) for r in replies]
+        weights = reply_weights(replies, weights)
         lora = {}
         for module in sorted(replies[0].adapter.lora):
             clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
@@ -181,17 +188,19 @@ class Rule(ABC):
         return AdapterFactors(lora, head)
 
     def adapter_diagnostics(
-        self, released: AdapterFactors, replies: Sequence[TrainReply], ranks: Sequence[int]
+        self,
+        released: AdapterFactors,
+        replies: Sequence[TrainReply],
+        ranks: Sequence[int],
+        weights: Sequence[float] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Per module: the share of ‖ΔW̄‖²_F each rank keeps (``energy_kept_r<r>``) and the rule's own diagnostics,
-        computed from the replies' factors."""
-        weights = [float(r.num_examples) for r in replies]
-        out: dict[str, dict[str, float]] = {}
+        """Per module: what the stored global keeps when served at each rank (:func:`served_diagnostics`) and the
+        rule's own diagnostics of the replies' factors."""
+        weights = reply_weights(replies, weights)
+        out = served_diagnostics(released.lora, ranks)
         for module in sorted(replies[0].adapter.lora):
             clients = [(*r.adapter.lora[module], r.node.scaling) for r in replies]
-            kept = energy_kept(clients, weights, ranks)
-            out[module] = {f"energy_kept_r{r}": k for r, k in zip(ranks, kept, strict=True)}
-            out[module].update(self.diagnostics(clients, weights))
+            out.setdefault(module, {}).update(self.diagnostics(clients, weights))
         return out
 
     # --- secure aggregation ---------------------------------------------------------------------------------------
@@ -229,6 +238,15 @@ class Rule(ABC):
     ) -> FactorPair:
         """Previous global + the noisy mean of the clipped ``changes`` (noise on everything released), at
         ``store_rank``, scaling 1. Everything after the noise is post-processing."""
+
+
+def reply_weights(replies: Sequence[TrainReply], weights: Sequence[float] | None) -> list[float]:
+    """``weights`` as floats, one per reply (default: the replies' example counts)."""
+    if weights is None:
+        return [float(r.num_examples) for r in replies]
+    if len(weights) != len(replies):
+        raise ValueError(f"got {len(weights)} weights for {len(replies)} replies; need one weight per reply")
+    return [float(w) for w in weights]
 
 
 def to_float32(t: Tensor | np.ndarray) -> np.ndarray:

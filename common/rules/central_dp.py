@@ -40,7 +40,7 @@ import torch
 
 from common.accounting import PrivacyLedger, noise_multiplier_for
 from common.config import RunConfig
-from common.diagnostics import global_energy_kept
+from common.diagnostics import served_diagnostics
 from common.dp import clip_scale, make_generator, tensor_norm
 from common.lora import Tensor
 from common.rules.base import Change, GaussianMechanism, Rule, SeededInit, to_float32
@@ -148,10 +148,14 @@ class CentralDP:
         replies: Sequence[TrainReply],
         store_rank: int,
         *,
+        weights: Sequence[float] | None = None,
         num_sampled: int | None = None,
         num_available: int | None = None,
     ) -> AdapterFactors | None:
-        """The new global (float32, at ``store_rank``, scaling 1, and head), or None when the budget forbids it."""
+        """The new global (float32, at ``store_rank``, scaling 1, and head), or None when the budget forbids it.
+
+        ``weights`` are not used: the released mean is uniform over m, which is what the noise is calibrated to
+        (weighting by a count a node reports would let it raise its own sensitivity)."""
         m = max(num_sampled or len(replies), len(replies))
         q = min(1.0, m / num_available) if num_available else 1.0
         if not self.within_budget(q):
@@ -173,10 +177,14 @@ class CentralDP:
         return AdapterFactors(lora, head)
 
     def adapter_diagnostics(
-        self, released: AdapterFactors, replies: Sequence[TrainReply], ranks: Sequence[int]
+        self,
+        released: AdapterFactors,
+        replies: Sequence[TrainReply],
+        ranks: Sequence[int],
+        weights: Sequence[float] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Energy kept at each rank by the released global only: never a statistic of one client's update."""
-        return global_energy_kept(released.lora, ranks)
+        """What the released global keeps when served: never a statistic of one client's update."""
+        return served_diagnostics(released.lora, ranks)
 
     def _start(
         self, previous: AdapterFactors | None, replies: Sequence[TrainReply], store_rank: int

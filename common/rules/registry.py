@@ -17,6 +17,8 @@ _RULES: dict[str, tuple[str, str]] = {
     "fedavg": ("common.rules.fedavg", "FedAvg"),
     "ffa": ("common.rules.ffa", "FFA"),
     "raflora": ("common.rules.raflora", "RaFLoRA"),
+    "rfa": ("common.rules.robust", "RFA"),
+    "multikrum": ("common.rules.robust", "MultiKrum"),
 }
 RULE_NAMES: tuple[str, ...] = tuple(_RULES)
 """Every rule a config can name (``rule = "svd"``)."""

@@ -209,7 +209,17 @@
   function outcome(round) {
     if (round.server_round === 0) return ["evaluation only", "outcome-eval"];
     if (round.skipped) return ["skipped: global adapter kept", "outcome-skipped"];
+    if (round.warning) return ["aggregated · rank warning", "outcome-warning"];
     return ["aggregated", "outcome-aggregated"];
+  }
+
+  // The latest round's rank warning (the stored global collapsed below the smallest node rank, or a node's served
+  // copy keeps too little of it), shown above the charts; the rounds table marks every round that had one.
+  function renderWarning(rounds) {
+    const latest = [...rounds].reverse().find((r) => r.server_round >= 1 && !r.skipped);
+    const warning = latest && latest.warning;
+    document.getElementById("rank-warning").hidden = !warning;
+    if (warning) setText("rank-warning-text", `round ${latest.server_round}: ${warning}`);
   }
 
   function renderRoundsTable(rounds) {
@@ -219,7 +229,8 @@
       const [text, className] = outcome(round);
       tr.className = className;
       f.cell(tr, String(round.server_round), "num round", round.server_round);
-      f.cell(tr, text, "outcome");
+      const cell = f.cell(tr, text, "outcome");
+      if (round.warning) cell.title = round.warning;
       f.cell(tr, String(round.participants.length), "num participants", round.participants.length);
       f.cell(tr, String(round.rejected), "num rejected", round.rejected);
       ["train_loss", "eval_loss"].forEach((key) => f.cell(tr, f.formatFixed(metric(round, key), 4), "num " + key, metric(round, key)));
@@ -284,6 +295,7 @@
       renderCharts(rounds, diagnostics);
       renderNodes(nodes);
       renderRoundsTable(rounds);
+      renderWarning(rounds);
       renderEnergyTable(diagnostics);
       renderRejected(rejected, nodes);
       document.getElementById("config").textContent = JSON.stringify(run.config, null, 2);

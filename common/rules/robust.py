@@ -1,0 +1,195 @@
+"""Robust rules over the factors: ``rfa`` (the geometric median) and ``multikrum``, both re-weightings of ``svd``.
+
+Both look at what each node changed in the round, over the whole adapter: Δ_i = (s_i B_i A_i − T_i for every
+module, head_i), with T_i the global node i was served at its rank (0 before the first aggregation). The head is
+sent whole, but only differences Δ_i − Δ_j enter a distance, and the nodes' heads share their start, so that is
+its change too. Every distance comes from the Gram matrix of the changes,
+
+    G_ij = Σ_modules ⟨Δ_i, Δ_j⟩_F + ⟨head_i, head_j⟩,   ⟨Δ_i, Δ_j⟩_F = tr((b_iᵀ b_j)(a_j a_iᵀ)),
+
+with Δ_i = b_i a_i stacked as b_i = [s_i B_i | −s_i B_si], a_i = [A_i; A_si] (rank 2 r_i). For all pairs at once:
+M_b = b_catᵀ b_cat and M_a = a_cat a_catᵀ ((2R × 2R), R = Σ r_i), and G_ij is the sum of the (i, j) blocks of
+M_b ⊙ M_a. Cost per module O((out + in)·(2R)²), the same order as svd's stacked QR, no out × in matrix. The rule
+then returns weights β over the nodes, and svd aggregates with them (keep-residual included): G + Σ β_i Δ_i.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from common.rules.base import Change, GaussianMechanism, RuleSettings
+from common.rules.factors import FactorPair
+from common.rules.registry import central_dp_refusal
+from common.rules.svd import SVD
+from common.updates import AdapterFactors, TrainReply
+
+WEISZFELD_ITERATIONS = 1000
+"""At most this many Weiszfeld steps (each O(n²); it usually stops after tens; Pillutla et al. run 3 to 10)."""
+WEISZFELD_RTOL = 1e-10
+"""Stop when no weight moves by more than this."""
+
+
+def change_gram(previous: AdapterFactors | None, replies: Sequence[TrainReply], rule: SVD) -> np.ndarray:
+    """G_ij = ⟨Δ_i, Δ_j⟩ over every module and the head, in float64 (see the module docstring)."""
+    n = len(replies)
+    gram = np.zeros((n, n))
+    for module in sorted(replies[0].adapter.lora):
+        b_parts, a_parts, sizes = [], [], []
+        for reply in replies:
+            a, b = (torch.from_numpy(np.asarray(x, np.float64)) for x in reply.adapter.lora[module])
+            s = float(reply.node.scaling)
+            if previous is None:
+                a_s, b_s = torch.zeros_like(a), torch.zeros_like(b)
+            else:
+                a_s, b_s = rule.serve(*previous.lora[module], a.shape[0], s)
+                a_s, b_s = (torch.as_tensor(x, dtype=torch.float64) for x in (a_s, b_s))
+            b_parts.append(torch.cat([s * b, -s * b_s], dim=1))
+            a_parts.append(torch.cat([a, a_s], dim=0))
+            sizes.append(b_parts[-1].shape[1])
+        b_cat, a_cat = torch.cat(b_parts, dim=1), torch.cat(a_parts, dim=0)
+        both = ((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).numpy()  # (2R, 2R)
+        edges = np.concatenate([[0], np.cumsum(sizes)])
+        gram += np.add.reduceat(np.add.reduceat(both, edges[:-1], axis=0), edges[:-1], axis=1)
+    for key in replies[0].adapter.head:
+        heads = np.stack([np.asarray(r.adapter.head[key], np.float64).ravel() for r in replies])
+        gram += heads @ heads.T
+    return gram
+
+
+def squared_distances(gram: np.ndarray) -> np.ndarray:
+    """‖Δ_i − Δ_j‖² = G_ii + G_jj − 2 G_ij, clamped at 0 (rounding can make a tiny one negative)."""
+    diag = np.diag(gram)
+    return np.maximum(diag[:, None] + diag[None, :] - 2 * gram, 0.0)
+
+
+def weiszfeld_weights(gram: np.ndarray, p: np.ndarray, nu: float = 1e-6) -> tuple[np.ndarray, int]:
+    """Smoothed Weiszfeld on points known through their Gram matrix; returns β (Σ β = 1) and the steps taken.
+
+    z = Σ β_j Δ_j; ‖z − Δ_i‖² = βᵀGβ − 2(Gβ)_i + G_ii; β_i ← (p_i / max(ν, ‖z − Δ_i‖)) / Σ_j (…).
+    ν is relative to the largest distance between two points (so the answer does not depend on their scale).
+    """
+    d2 = squared_distances(gram)
+    scale = math.sqrt(float(d2.max())) or 1.0
+    beta = p / p.sum()
+    steps = WEISZFELD_ITERATIONS
+    for step in range(1, WEISZFELD_ITERATIONS + 1):
+        new = p / np.maximum(_distances(gram, beta), nu * scale)
+        new /= new.sum()
+        done = np.abs(new - beta).max() <= WEISZFELD_RTOL
+        beta = new
+        if done:
+            steps = step
+            break
+    # When one node carries at least half the weight the median is that node's point, which Weiszfeld only nears
+    # slowly (Vardi & Zhang 2000): take the best of the iterate and the data points.
+    objective = p @ _distances(gram, beta)
+    vertex = int(np.argmin(p @ np.sqrt(d2)))
+    if p @ np.sqrt(d2[vertex]) < objective:
+        beta = np.eye(len(p))[vertex]
+    return beta, steps
+
+
+def _distances(gram: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """‖z − Δ_i‖ for z = Σ β_j Δ_j, from the Gram matrix."""
+    g_beta = gram @ beta
+    return np.sqrt(np.maximum(beta @ g_beta - 2 * g_beta + np.diag(gram), 0.0))
+
+
+def krum_selection(gram: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-Krum's choice: each node's score (sum of its n − f − 2 smallest squared distances to the others) and
+    the indices of the n − f lowest scores (at least 1 and 1 neighbour when n is too small for f)."""
+    n = gram.shape[0]
+    d2 = squared_distances(gram)
+    neighbours = max(1, n - f - 2)
+    scores = np.array([np.sort(np.delete(d2[i], i))[:neighbours].sum() if n > 1 else 0.0 for i in range(n)])
+    keep = max(1, n - f)
+    return scores, np.sort(np.argsort(scores, kind="stable")[:keep])
+
+
+class _Reweighted(SVD):
+    """svd with weights a robust rule chose from the changes' Gram matrix (not for central DP or SecAgg)."""
+
+    supports_central_dp: ClassVar[bool] = False
+
+    def robust_weights(self, gram: np.ndarray, p: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def aggregate_adapter(
+        self,
+        previous: AdapterFactors | None,
+        replies: Sequence[TrainReply],
+        store_rank: int,
+        *,
+        weights: Sequence[float] | None = None,
+        num_sampled: int | None = None,
+        num_available: int | None = None,
+    ) -> AdapterFactors | None:
+        """svd's aggregate (keep-residual included) with the robust weights."""
+        p = np.array([float(r.num_examples) for r in replies] if weights is None else list(weights), np.float64)
+        gram = change_gram(previous, replies, self)
+        beta = self.robust_weights(gram, p, [r.node.name for r in replies])
+        return super().aggregate_adapter(previous, replies, store_rank, weights=list(beta))
+
+    def private_update(
+        self, previous: FactorPair, changes: Sequence[Change], mechanism: GaussianMechanism, store_rank: int
+    ) -> FactorPair:
+        """Refused: a robust re-weighting of the nodes has no fixed sensitivity for central DP's noise."""
+        raise ValueError(central_dp_refusal(self.name))
+
+
+class RFA(_Reweighted):
+    """RFA, the geometric median (Pillutla, Kakade, Harchaoui 2022, "Robust Aggregation for Federated Learning",
+    IEEE TSP, arXiv 1912.13445): z* = argmin_z Σ p_i ‖z − Δ_i‖, by smoothed Weiszfeld iterations.
+
+    Each iterate is a convex combination z = Σ β_i Δ_i, so every distance comes from the Gram matrix (module
+    docstring) and the result is svd's aggregate with weights β: G + Σ β_i Δ_i at ``store_rank``. Up to half the
+    weight can be hostile (breakdown point 1/2). Cost: the Gram matrix, O((out + in)·(2R)²) per module, then
+    O(n²) per iteration; then svd's aggregate.
+    """
+
+    name: ClassVar[str] = "rfa"
+
+    def robust_weights(self, gram: np.ndarray, p: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        beta, steps = weiszfeld_weights(gram, p)
+        share = np.divide(beta, p / p.sum(), out=np.ones_like(beta), where=p > 0)
+        low = [f"{name} ×{s:.2f}" for name, s in zip(names, share, strict=True) if s < 0.5]
+        line = f"rfa ({steps} Weiszfeld steps) cut below half their weight: {', '.join(low)}"
+        self.notes = (line,) if low else ()
+        return beta
+
+
+class MultiKrum(_Reweighted):
+    """Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer 2017, "Machine Learning with Adversaries: Byzantine
+    Tolerant Gradient Descent", NeurIPS): score(i) = Σ of the n − f − 2 smallest ‖Δ_i − Δ_j‖², keep the n − f nodes
+    with the lowest scores and average them (here: svd's aggregate with their weights, the others at 0).
+
+    f = ``byzantine-nodes``; Krum's guarantee needs n > 2f + 2. Cost: the Gram matrix as in ``rfa``, then
+    O(n² log n) for the scores.
+    """
+
+    name: ClassVar[str] = "multikrum"
+
+    def __init__(self, keep_residual: bool = True, byzantine_nodes: int = 1) -> None:
+        super().__init__(keep_residual=keep_residual)
+        self.byzantine_nodes = byzantine_nodes
+        """f: how many hostile nodes to tolerate."""
+
+    @classmethod
+    def from_config(cls, cfg: RuleSettings) -> MultiKrum:
+        """``keep-residual`` and ``byzantine-nodes`` from the run config."""
+        return cls(keep_residual=cfg.keep_residual, byzantine_nodes=cfg.robustness.byzantine_nodes)
+
+    def robust_weights(self, gram: np.ndarray, p: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        scores, kept = krum_selection(gram, self.byzantine_nodes)
+        beta = np.zeros_like(p)
+        beta[kept] = p[kept]
+        if beta.sum() == 0:  # every kept node had weight 0: keep them at equal weight
+            beta[kept] = 1.0
+        left_out = [names[i] for i in range(len(p)) if i not in set(kept.tolist())]
+        self.notes = (f"multikrum (f = {self.byzantine_nodes}) left out {', '.join(left_out)}",) if left_out else ()
+        return beta / beta.sum()
