@@ -5,12 +5,13 @@ module, head_i), with T_i the global node i was served at its rank (0 before the
 sent whole, but only differences Δ_i − Δ_j enter a distance, and the nodes' heads share their start, so that is
 its change too. Every distance comes from the Gram matrix of the changes,
 
-    G_ij = Σ_modules ⟨Δ_i, Δ_j⟩_F + ⟨head_i, head_j⟩,   ⟨Δ_i, Δ_j⟩_F = tr((b_iᵀ b_j)(a_j a_iᵀ)),
+    G_ij = Σ_modules ⟨Δ_i, Δ_j⟩_F + ⟨head_i, head_j⟩,   ⟨X, Y⟩_F = tr((B_Xᵀ B_Y)(A_Y A_Xᵀ)) for X = B_X A_X.
 
-with Δ_i = b_i a_i stacked as b_i = [s_i B_i | −s_i B_si], a_i = [A_i; A_si] (rank 2 r_i). For all pairs at once:
-M_b = b_catᵀ b_cat and M_a = a_cat a_catᵀ ((2R × 2R), R = Σ r_i), and G_ij is the sum of the (i, j) blocks of
-M_b ⊙ M_a. Cost per module O((out + in)·(2R)²), the same order as svd's stacked QR, no out × in matrix. The rule
-then returns weights β over the nodes, and svd aggregates with them (keep-residual included): G + Σ β_i Δ_i.
+For all pairs of X_i = s_i B_i A_i at once: M_b = B_catᵀ B_cat and M_a = A_cat A_catᵀ (R × R, R = Σ r_i), and
+⟨X_i, X_j⟩ is the sum of the (i, j) block of M_b ⊙ M_a; every T_i is a truncation of the same global
+G = U Σ Vᵀ, so its inner products need only Uᵀ B_cat and A_cat V (:func:`change_gram`). Cost per module
+O((out + in)·(R² + R·r_G)), the order of svd's own stacked QR, and no out × in matrix. The rule then returns weights
+β over the nodes, and svd aggregates with them (keep-residual included): G + Σ β_i Δ_i.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from common.rules.base import Change, GaussianMechanism, RuleSettings
+from common.rules.factored_svd import factored_svd
 from common.rules.factors import FactorPair
 from common.rules.registry import central_dp_refusal
 from common.rules.svd import SVD
@@ -34,27 +36,42 @@ WEISZFELD_RTOL = 1e-10
 """Stop when no weight moves by more than this."""
 
 
-def change_gram(previous: AdapterFactors | None, replies: Sequence[TrainReply], rule: SVD) -> np.ndarray:
-    """G_ij = ⟨Δ_i, Δ_j⟩ over every module and the head, in float64 (see the module docstring)."""
+def change_gram(previous: AdapterFactors | None, replies: Sequence[TrainReply]) -> np.ndarray:
+    """G_ij = ⟨Δ_i, Δ_j⟩ over every module and the head, in float64 (see the module docstring).
+
+    With X_i = s_i B_i A_i and the global G = U Σ Vᵀ, T_i = U_{r_i} Σ_{r_i} V_{r_i}ᵀ, so
+    ⟨Δ_i, Δ_j⟩ = ⟨X_i, X_j⟩ − t_j(X_i) − t_i(X_j) + Σ_{k < min(r_i, r_j)} σ_k², where
+    t_j(X) = Σ_{k < r_j} σ_k·(u_kᵀ X v_k): the Gram of the stacked factors, plus U ᵀ B_cat and A_cat V.
+    """
     n = len(replies)
     gram = np.zeros((n, n))
+    ranks = [r.adapter.lora[next(iter(r.adapter.lora))][0].shape[0] for r in replies]
     for module in sorted(replies[0].adapter.lora):
-        b_parts, a_parts, sizes = [], [], []
-        for reply in replies:
-            a, b = (torch.from_numpy(np.asarray(x, np.float64)) for x in reply.adapter.lora[module])
-            s = float(reply.node.scaling)
-            if previous is None:
-                a_s, b_s = torch.zeros_like(a), torch.zeros_like(b)
-            else:
-                a_s, b_s = rule.serve(*previous.lora[module], a.shape[0], s)
-                a_s, b_s = (torch.as_tensor(x, dtype=torch.float64) for x in (a_s, b_s))
-            b_parts.append(torch.cat([s * b, -s * b_s], dim=1))
-            a_parts.append(torch.cat([a, a_s], dim=0))
-            sizes.append(b_parts[-1].shape[1])
-        b_cat, a_cat = torch.cat(b_parts, dim=1), torch.cat(a_parts, dim=0)
-        both = ((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).numpy()  # (2R, 2R)
-        edges = np.concatenate([[0], np.cumsum(sizes)])
+        factors = [
+            (
+                torch.from_numpy(np.asarray(a, np.float64)),
+                float(r.node.scaling) * torch.from_numpy(np.asarray(b, np.float64)),
+            )
+            for r in replies
+            for a, b in [r.adapter.lora[module]]
+        ]
+        b_cat = torch.cat([sb for _, sb in factors], dim=1)  # (out, R)
+        a_cat = torch.cat([a for a, _ in factors], dim=0)  # (R, in)
+        edges = np.concatenate([[0], np.cumsum(ranks)])
+        both = ((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).numpy()  # (R, R): ⟨X_i, X_j⟩ summed per block
         gram += np.add.reduceat(np.add.reduceat(both, edges[:-1], axis=0), edges[:-1], axis=1)
+        if previous is None:
+            continue
+        a_g, b_g = (torch.from_numpy(np.asarray(x, np.float64)) for x in previous.lora[module])
+        g = factored_svd(b_g, a_g)
+        k = g.U.shape[1]
+        sigma = g.S[:k].numpy()
+        # u_kᵀ X_i v_k for every client i and k: the diagonal of (Uᵀ s_i B_i)(A_i V), summed over i's columns.
+        along = ((g.U.T @ b_cat) * (a_cat @ g.V).T).numpy()  # (k, R)
+        projections = np.add.reduceat(along, edges[:-1], axis=1).T  # (n, k)
+        held = np.array([[1.0 if c < r else 0.0 for c in range(k)] for r in ranks])  # (n, k)
+        cross = (projections * sigma) @ held.T  # cross[i, j] = t_j(X_i)
+        gram += -cross - cross.T + (held * sigma**2) @ held.T
     for key in replies[0].adapter.head:
         heads = np.stack([np.asarray(r.adapter.head[key], np.float64).ravel() for r in replies])
         gram += heads @ heads.T
@@ -131,7 +148,7 @@ class _Reweighted(SVD):
     ) -> AdapterFactors | None:
         """svd's aggregate (keep-residual included) with the robust weights."""
         p = np.array([float(r.num_examples) for r in replies] if weights is None else list(weights), np.float64)
-        gram = change_gram(previous, replies, self)
+        gram = change_gram(previous, replies)
         beta = self.robust_weights(gram, p, [r.node.name for r in replies])
         return super().aggregate_adapter(previous, replies, store_rank, weights=list(beta))
 

@@ -17,9 +17,24 @@ import torch
 
 from common.dp import factor_difference, factors_norm
 from common.lora import ClientFactors, LoRAFactors, TargetSpec
-from common.rules.base import Change, GaussianMechanism, Rule, RuleSettings, to_float32
+from common.rules.base import Change, GaussianMechanism, Rule, RuleSettings
 from common.rules.factored_svd import factored_svd, split_balanced, stack_factors, svd_reproject
 from common.rules.factors import FactorPair, check_clients
+
+
+def withheld(previous: tuple[Any, Any], ranks: Sequence[int], p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G − Σ p_i T_i as (out × k, k × in) factors, for G = B_g·A_g and T_i its best rank-r_i approximation.
+
+    With G = U Σ Vᵀ: Σ p_i T_i = U diag(c_k σ_k) Vᵀ, c_k = Σ_{i: r_i > k} p_i, so the difference is
+    U diag((1 − c_k) σ_k) Vᵀ (Σ p_i = 1). In ``p``'s dtype.
+    """
+    a_g, b_g = (torch.as_tensor(np.asarray(x), dtype=p.dtype) for x in previous)
+    g = factored_svd(b_g, a_g)
+    k = g.U.shape[1]
+    held = torch.zeros(k, dtype=p.dtype)
+    for rank, p_i in zip(ranks, p, strict=True):
+        held[: min(rank, k)] += p_i
+    return g.U * ((1 - held) * g.S[:k]), g.V.T
 
 
 class SVD(Rule):
@@ -61,25 +76,18 @@ class SVD(Rule):
         directions of G beyond the low ranks lose the low-rank nodes' share of the weight. With ``keep_residual``
         each term is completed by the residual withheld when serving it:
         ΔW̄ = Σ p_i (s_i B_i A_i + G − T_i) = G + Σ p_i (s_i B_i A_i − T_i), which equals plain FlexLoRA when every
-        node holds G at its rank. The result is truncated at ``store_rank`` by the same factored SVD, from factors
-        only; T_i is re-served from G in float32, as the node received it.
+        node holds G at its rank. Every T_i is a truncation of the same G = U Σ Vᵀ, so the withheld part is one term
+        of G's rank, G − Σ p_i T_i = U diag((1 − c_k) σ_k) Vᵀ with c_k = Σ_{i: r_i > k} p_i (:func:`withheld`), and
+        the result is FlexLoRA's stacked SVD with that one term more: O((out + in)·(R + r_G)² + …), one SVD of G,
+        from factors only, truncated at ``store_rank``.
         """
         if not self.keep_residual or previous is None:
             return super().aggregate_module(clients, weights, store_rank, previous)
-        a_g, b_g = previous
-        total = float(sum(weights))
-        served: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
-        terms: list[tuple[Any, Any, float]] = [(a_g, b_g, 1.0)]
-        term_weights = [1.0]
-        for (lora_A, lora_B, scaling), weight in zip(clients, weights, strict=True):
-            key = (int(lora_A.shape[0]), float(scaling))
-            if key not in served:
-                served[key] = tuple(to_float32(t) for t in self.serve(a_g, b_g, *key))  # type: ignore[assignment]
-            a_s, b_s = served[key]
-            terms += [(lora_A, lora_B, scaling), (a_s, -b_s, scaling)]
-            term_weights += [weight / total, weight / total]
-        ((a, b),) = svd_reproject(terms, term_weights, [(store_rank, 1.0)])
-        return a, b * sum(term_weights)  # the rule normalises the weights to sum to 1 (here they sum to 3)
+        factors, p = check_clients(clients, weights)
+        b_res, a_res = withheld(previous, [f.r for f in factors], p)
+        b_cat, a_cat = stack_factors(factors, p)
+        svd = factored_svd(torch.cat([b_res, b_cat], dim=1), torch.cat([a_res, a_cat], dim=0), rank=store_rank)
+        return split_balanced(svd, store_rank, 1.0)
 
     # --- client-level DP --------------------------------------------------------------------------------------------
     def change(self, new: FactorPair, served: FactorPair, scaling: float) -> Change:
