@@ -11,12 +11,9 @@ nodes run fedlora's handlers unchanged; a planned node runs them too and then al
 - ``extra-config-key``: its train replies carry one more key in the node's config record (``debug``).
 - ``head-twice``: its train replies carry the head a second time, in an array record of its own (``head``).
 
-Attacks on the aggregate (train replies from round ``from-round`` on; well-formed, finite, at the node's rank):
-
-- ``scale``: lora_B multiplied by ``factor`` (its update s·B·A scaled by it; ``factor`` -1 is a sign flip);
-- ``inflate-examples``: it claims ``examples`` training examples (default 10⁷, the most validation accepts);
-- ``noise``: lora_B replaced by Gaussian noise of the same norm, module by module;
-- ``huge-head``: its head multiplied by ``factor`` (default 10⁶).
+Attacks on the aggregate (train replies from round ``from-round`` on; well-formed, finite, at the node's rank), as
+:mod:`simulations.attacks` makes them: ``scale`` (lora_B × ``factor``), ``inflate-examples``, ``noise``,
+``huge-head``.
 """
 
 from __future__ import annotations
@@ -35,6 +32,7 @@ from client.secure import secure_train_mod
 from common.codec import records
 from common.lora import lora_scaling
 from common.updates import AdapterFactors, NodeInfo, TrainReply
+from simulations.attacks import attacked
 
 PLAN: dict[str, dict[str, Any]] = {}
 """Node name → what it does (``{"behaviour": "declare-rank", "rank": 16, "from-round": 1}``)."""
@@ -89,30 +87,16 @@ SMUGGLERS = {"smuggle-metric": _smuggle_metric, "extra-config-key": _extra_confi
 """Behaviours that add something to an honest train reply's records."""
 
 
+ATTACKS = {"scale": None, "inflate-examples": "inflate-examples", "noise": "noise", "huge-head": "huge-head"}
+"""Behaviours that change what an honest train reply says (:mod:`simulations.attacks`)."""
+
+
 def _attacked(reply: TrainReply, plan: dict[str, Any]) -> TrainReply:
-    """An honest reply turned into one of the attacks of the module docstring."""
-    behaviour, adapter = plan["behaviour"], reply.adapter
-    if behaviour == "inflate-examples":
-        return dataclasses.replace(reply, num_examples=int(plan.get("examples", 10_000_000)))
-    if behaviour == "huge-head":
-        head = {k: (v * float(plan.get("factor", 1e6))).astype(v.dtype) for k, v in adapter.head.items()}
-        return dataclasses.replace(reply, adapter=AdapterFactors(adapter.lora, head))
-    rng = np.random.default_rng(0)
-    lora = {}
-    for module, (lora_A, lora_B) in adapter.lora.items():
-        if behaviour == "scale":
-            lora_B = (lora_B * float(plan["factor"])).astype(lora_B.dtype)
-        elif behaviour == "noise":
-            noise = rng.normal(size=lora_B.shape)
-            lora_B = (noise * np.linalg.norm(lora_B) / max(np.linalg.norm(noise), 1e-30)).astype(lora_B.dtype)
-        else:
-            raise ValueError(f"unknown behaviour {behaviour!r}")
-        lora[module] = (lora_A, lora_B)
-    return dataclasses.replace(reply, adapter=AdapterFactors(lora, adapter.head))
-
-
-ATTACKS = ("scale", "inflate-examples", "noise", "huge-head")
-"""Behaviours that change what an honest train reply says."""
+    """An honest reply turned into one of the attacks of :mod:`simulations.attacks` (``scale`` by any factor)."""
+    if plan["behaviour"] != "scale":
+        return attacked(reply, str(ATTACKS[plan["behaviour"]]))
+    lora = {m: (a, (b * float(plan["factor"])).astype(b.dtype)) for m, (a, b) in reply.adapter.lora.items()}
+    return dataclasses.replace(reply, adapter=AdapterFactors(lora, reply.adapter.head))
 
 
 @app.query()
