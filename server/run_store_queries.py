@@ -23,7 +23,7 @@ JSON = dict[str, Any]
 ACCURACY = "COALESCE(json_extract(metrics_json, '$.global_accuracy'), json_extract(metrics_json, '$.eval_accuracy'))"
 """A round's accuracy for the runs list: the global one (the exported adapter on the fixed set) when the run has it,
 else the nodes' mean."""
-SUMMARY_CONFIG_KEYS = ("model", "task", "rule", "dp")
+SUMMARY_CONFIG_KEYS = ("model", "task", "rule", "dp", "node-ranks", "seed")
 """Run-config keys repeated in every run summary, so a list of runs says what each one trained."""
 
 _SUMMARY_SQL = f"""

@@ -64,7 +64,9 @@ def test_runs_lists_the_summary(client: TestClient) -> None:
     assert run["best_accuracy_round"] == 4 and 0 < run["best_accuracy"] < 1
     assert (run["rounds_skipped"], run["rejected_updates"]) == (0, 1)
     assert run["started_at"].endswith("Z") and run["duration_seconds"] > 0 and run["has_adapter"] is True
-    assert run["config_summary"] == {"model": "minilm-l6", "task": "newsgroups", "rule": "svd", "dp": "central"}
+    assert run["config_summary"] == {
+        "model": "minilm-l6", "task": "newsgroups", "rule": "svd", "dp": "central", "node-ranks": "4,8,16", "seed": 0
+    }  # fmt: skip
 
 
 def test_run_detail_adds_config_and_paths(client: TestClient, demo_db: Path) -> None:
@@ -73,7 +75,7 @@ def test_run_detail_adds_config_and_paths(client: TestClient, demo_db: Path) -> 
     assert run["config"]["synthetic"] is True and run["config"]["num-rounds"] == 4
     assert run["out_dir"] == str(demo_db.parent / RUN_ID)
     assert run["adapter_path"] == str(demo_db.parent / RUN_ID / "adapter")
-    assert set(run["latest_metrics"]) == {"train_loss", "eval_loss", "eval_accuracy"}
+    assert set(run["latest_metrics"]) == {"train_loss", "eval_loss", "eval_accuracy", "global_loss", "global_accuracy"}
 
 
 def test_rounds_match_the_store_and_since_filters(client: TestClient, demo_db: Path) -> None:

@@ -280,3 +280,53 @@ def test_dashboard_follows_a_real_simulation_and_shows_the_store(simulation_comm
             if simulation is not None:
                 stop(simulation)
             stop(dashboard)
+
+
+def test_the_runs_page_compares_the_ticked_runs_on_one_chart(tmp_path: Path) -> None:
+    from server.dashboard.demo import write_demo_run
+
+    # Arrange: three finished runs that differ in ranks and seed.
+    db, port = tmp_path / "fedlora.db", free_port()
+    write_demo_run(db, run_id="run-a", rounds=4, ranks=(4, 8), seed=0, dp=False)
+    write_demo_run(db, run_id="run-b", rounds=4, ranks=(4, 8, 16), seed=1, dp=False)
+    write_demo_run(db, run_id="run-c", rounds=3, ranks=(8,), seed=2, dp=False)
+    with (tmp_path / "dashboard.log").open("wb") as log, sync_playwright() as playwright:
+        dashboard = start_dashboard(db, port, log)
+        try:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.on("console", lambda message: page_errors.append(message.text) if message.type == "error" else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator('#runs-table tr[data-run-id="run-c"]').wait_for()
+            assert page.locator("#compare-none").is_visible() and not page.locator("#compare-figure").is_visible()
+            # Act: tick two runs.
+            for run_id in ("run-a", "run-c"):
+                page.locator(f'#runs-table tr[data-run-id="{run_id}"] .compare-box').check()
+            table_order = page.evaluate(
+                "[...document.querySelectorAll('#runs-table tbody tr')].map((tr) => tr.dataset.runId)"
+            )
+            ticked = [run_id for run_id in table_order if run_id in ("run-a", "run-c")]  # lines follow the table
+            page.wait_for_function(f"document.body.dataset.compared === '{','.join(ticked)}'")
+            # Assert: one line per ticked run, its global accuracy per round from the store, rule/ranks/seed named.
+            datasets = page.evaluate(
+                "Chart.getChart('chart-compare').data.datasets.map((d) => ({label: d.label, data: d.data}))"
+            )
+            with sqlite3.connect(db) as conn:
+                for dataset, run_id in zip(datasets, ticked, strict=True):
+                    sql = "SELECT server_round, metrics_json FROM rounds WHERE run_id = ? ORDER BY server_round"
+                    rows = conn.execute(sql, (run_id,)).fetchall()
+                    assert dataset["data"] == [{"x": r, "y": json.loads(m)["global_accuracy"]} for r, m in rows]
+            labels = {"run-a": "run-a · svd · ranks 4,8 · seed 0", "run-c": "run-c · svd · ranks 8 · seed 2"}
+            assert [d["label"] for d in datasets] == [labels[run_id] for run_id in ticked]
+            assert painted_pixels(page, "chart-compare") > 500
+            # The choice is in the address: reloading it shows the same comparison.
+            assert page.url.endswith("#compare=run-a%2Crun-c")
+            page.reload()
+            page.wait_for_function(f"document.body.dataset.compared === '{','.join(ticked)}'")
+            assert page.locator('#runs-table tr[data-run-id="run-b"] .compare-box').is_checked() is False
+            assert page_errors == []
+            browser.close()
+        finally:
+            stop(dashboard)

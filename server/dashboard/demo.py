@@ -44,10 +44,18 @@ def energy_kept(rank: int, server_round: int, module_index: int) -> float:
     return 1.0 - 0.85 * math.exp(-rank / spread)
 
 
-def demo_round(server_round: int, node_ids: Sequence[int], ranks: Sequence[int], dp: bool) -> RoundRecord:
-    """The synthetic record for one round (round 0: evaluation of the untrained model only)."""
-    progress = 1.0 - math.exp(-server_round / 3.0)
-    metrics = {"eval_accuracy": 0.05 + 0.70 * progress, "eval_loss": 3.0 - 2.0 * progress}
+def demo_round(
+    server_round: int, node_ids: Sequence[int], ranks: Sequence[int], dp: bool, seed: int = 0
+) -> RoundRecord:
+    """The synthetic record for one round (round 0: evaluation of the untrained model only); ``seed`` shifts the
+    curves a little, so that demo runs differ."""
+    progress = (1.0 - math.exp(-server_round / 3.0)) * (1.0 - 0.04 * (seed % 5))
+    metrics = {
+        "eval_accuracy": 0.05 + 0.70 * progress,
+        "eval_loss": 3.0 - 2.0 * progress,
+        "global_accuracy": 0.05 + 0.66 * progress,
+        "global_loss": 3.0 - 1.9 * progress,
+    }
     if server_round == 0:
         return RoundRecord(server_round=0, metrics=metrics, participants=list(node_ids))
     metrics["train_loss"] = 2.9 - 2.1 * progress
@@ -132,6 +140,7 @@ def write_demo_run(
         "local-steps": 20,
         "learning-rate": 1e-3,
         "dp": "central" if dp else "off",
+        "seed": seed,
     }
     # Written instantly, the run is back-dated to look as if each round took round_s seconds.
     clock = DemoClock(time.time() - (rounds + 1) * round_s) if interval_s == 0 else None
@@ -144,7 +153,7 @@ def write_demo_run(
             time.sleep(interval_s)
         if clock is not None:
             clock.now += round_s
-        store.record_round(run_id, demo_round(server_round, node_ids, ranks, dp))
+        store.record_round(run_id, demo_round(server_round, node_ids, ranks, dp, seed))
     write_adapter(out_dir / "adapter", max(ranks))
     store.finish_run(run_id, "completed", str(out_dir / "adapter"))
 
