@@ -75,10 +75,10 @@ def check_classification_data(cfg: RunConfig, num_nodes: int) -> list[str]:
         with warnings.catch_warnings():  # flwr-datasets warns at every failed attempt; the error below says it all
             warnings.simplefilter("ignore", UserWarning)
             sizes = partition_sizes(cfg, cfg.task, num_nodes)
-    except ValueError as err:
+    except (ValueError, IndexError) as err:  # IndexError: the IID partitioner with more nodes than examples
+        why = str(err).splitlines()[0] + ("; more nodes than examples?" if isinstance(err, IndexError) else "")
         raise ValueError(
-            f"task {cfg.task} cannot be split over {num_nodes} nodes with partitioner {cfg.data.partitioner}: "
-            f"{str(err).splitlines()[0]}"
+            f"task {cfg.task} cannot be split over {num_nodes} nodes with partitioner {cfg.data.partitioner}: {why}"
         ) from None
     for split, counts in sizes.items():
         empty = [i for i, n in enumerate(counts) if n == 0]

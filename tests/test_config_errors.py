@@ -50,6 +50,8 @@ def test_a_bad_value_is_refused_before_anything_starts(tmp_path: Path, setting: 
 
 def test_a_task_that_cannot_be_split_over_the_nodes_is_refused_saying_why(tmp_path: Path) -> None:
     refused(tmp_path, ["simulate", *TINY, "--nodes", "100"], "task tiny cannot be split over 100 nodes")
+    iid = ["--set", 'partitioner="iid"']
+    refused(tmp_path, ["simulate", *TINY, *iid, "--nodes", "1000"], "task tiny cannot be split over 1000 nodes")
 
 
 def test_a_missing_server_eval_file_is_refused(tmp_path: Path) -> None:
