@@ -228,9 +228,15 @@ class Rule(ABC):
     def released_sq_norm(self, change: Change) -> float:
         """‖·‖² of what this rule releases a mean of, for one module's change (the clipping norm's share)."""
 
-    @abstractmethod
     def clip_change(self, change: Change, factor: float) -> Change:
-        """``change`` scaled by the clipping factor min(1, C/‖Δ‖) in what the rule releases."""
+        """``change`` scaled by the clipping factor min(1, C/‖Δ‖) in what the rule releases.
+
+        By default lora_B alone is scaled: then s·B·A scales by the factor (scaling both factors would square it),
+        and a lora_A that is public (``ffa``'s shared init) is left as it is. A rule that releases both factors
+        (``fedavg``) scales both.
+        """
+        lora_A, lora_B, scaling = change
+        return lora_A, lora_B * factor, scaling
 
     @abstractmethod
     def private_update(

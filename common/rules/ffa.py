@@ -84,11 +84,6 @@ class FFA(Rule):
         _, lora_B, scaling = change
         return tensor_norm(scaling * lora_B) ** 2
 
-    def clip_change(self, change: Change, factor: float) -> Change:
-        """lora_B scaled by the clipping factor; lora_A (public, not released) left alone."""
-        lora_A, lora_B, scaling = change
-        return lora_A, lora_B * factor, scaling
-
     def private_update(
         self, previous: FactorPair, changes: Sequence[Change], mechanism: GaussianMechanism, store_rank: int
     ) -> FactorPair:

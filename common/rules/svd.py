@@ -99,11 +99,6 @@ class SVD(Rule):
         """‖s·B·A‖²_F of the change, from the factors (:func:`common.dp.factors_norm`)."""
         return factors_norm(LoRAFactors(*change)) ** 2
 
-    def clip_change(self, change: Change, factor: float) -> Change:
-        """lora_B scaled by the clipping factor, so that the product s·B·A is (scaling both would square it)."""
-        lora_A, lora_B, scaling = change
-        return lora_A, lora_B * factor, scaling
-
     def private_update(
         self, previous: FactorPair, changes: Sequence[Change], mechanism: GaussianMechanism, store_rank: int
     ) -> FactorPair:
