@@ -6,7 +6,8 @@
         --data PATH|TASK --model PATH|PRESET --rank auto|N [--name NAME] \\
         [--partition-id I --num-partitions N] [--state-dir DIR]
 
-It validates the inputs, picks the LoRA rank (``--rank auto``: from free memory, see ``auto_rank``), checks that the
+It validates the inputs, picks the LoRA rank (``--rank auto``: the largest that training the model fits in free
+memory, see :mod:`client.device_memory`), checks that the
 SuperLink is reachable and presents a certificate signed by ``--root-cert``, then starts::
 
     flower-supernode --superlink HOST:PORT --root-certificates ca.crt --auth-supernode-private-key node-0.key \\
@@ -48,11 +49,12 @@ from pathlib import Path
 from types import FrameType
 
 from client.device_link import Failure, FailureKind, classify_supernode_exit, probe_superlink
-from client.device_memory import auto_rank, free_memory
+from client.device_memory import AutoRank, ModelShape, free_memory
 from client.device_options import DeviceOptions, UsageError, node_config_string, parse_options
 from client.reaper import start_reaper, stop_reaper
+from common.config import RunConfig
 
-__all__ = ["auto_rank", "main", "run_device", "supernode_command"]
+__all__ = ["main", "run_device", "supernode_command"]
 
 log = logging.getLogger("fedlora.client")
 EXIT_CODES: dict[FailureKind, int] = {
@@ -97,7 +99,7 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def supernode_command(opts: DeviceOptions, rank: int, runtime_port: int) -> list[str]:
+def supernode_command(opts: DeviceOptions, rank: int, runtime_port: int, measured: AutoRank | None = None) -> list[str]:
     """Return the ``flower-supernode`` command line for this device."""
     return [
         flower_bin("flower-supernode"),
@@ -112,7 +114,7 @@ def supernode_command(opts: DeviceOptions, rank: int, runtime_port: int) -> list
         "--port",
         str(runtime_port),
         "--node-config",
-        node_config_string(opts.node_config(rank)),
+        node_config_string(opts.node_config(rank, measured.to_json() if measured else "")),
     ]
 
 
@@ -131,14 +133,25 @@ def supernode_env(mark: str) -> dict[str, str]:
     return env
 
 
-def choose_rank(opts: DeviceOptions) -> int:
-    """Return the rank: ``--rank N`` as given, or ``auto_rank`` of this device's free memory (logged)."""
+def choose_rank(opts: DeviceOptions) -> tuple[int, AutoRank | None]:
+    """Return the rank: ``--rank N`` as given, or the largest that training ``--model`` fits in this device's free
+    memory at the run defaults (logged with why; each run chooses again with its own settings, see
+    :class:`client.device_memory.AutoRank`)."""
     if opts.rank is not None:
-        return opts.rank
+        return opts.rank, None
+    from client.model import resolve_model  # torch and transformers: only for --rank auto
+
     free, where = free_memory()
-    rank = auto_rank(free)
-    log.info("--rank auto: %.1f GiB %s -> LoRA rank %d", free / (1 << 30), where, rank)
-    return rank
+    try:
+        measured = AutoRank(free, ModelShape.of(resolve_model(opts.model)))
+        defaults = RunConfig()
+        rank, why = measured.rank_for(
+            defaults.training.batch_size, defaults.training.max_length, defaults.lora.max_rank, per_sample=False
+        )
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--rank auto: {err}") from None
+    log.info("--rank auto (%s, run defaults; each run chooses again): %s", where, why)
+    return rank, measured
 
 
 class StopFlag:
@@ -252,7 +265,7 @@ def wait_for_superlink(opts: DeviceOptions, stop: StopFlag, deadline: float) -> 
         delay, attempt = min(delay * 2, BACKOFF_MAX_S), attempt + 1
 
 
-def run_device(opts: DeviceOptions, rank: int) -> int:
+def run_device(opts: DeviceOptions, rank: int, measured: AutoRank | None = None) -> int:
     """Keep a SuperNode for this device running until it is stopped; return the exit status (see module doc)."""
     stop, target = StopFlag(), list[subprocess.Popen[str]]()
     deadline = time.monotonic() + opts.connect_timeout
@@ -263,7 +276,7 @@ def run_device(opts: DeviceOptions, rank: int) -> int:
         while not stop.event.is_set():
             failure = wait_for_superlink(opts, stop, deadline)
             if failure is None and not stop.event.is_set():
-                command = supernode_command(opts, rank, opts.runtime_port or free_port())
+                command = supernode_command(opts, rank, opts.runtime_port or free_port(), measured)
                 log.info("starting: %s", " ".join(command))
                 ended = run_supernode(command, stop, target, mark)
                 failure = classify_supernode_exit(ended.returncode, ended.tail, opts.key, stop.event.is_set())
@@ -285,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="fedlora client: %(message)s", stream=sys.stderr)
     try:
         opts = parse_options(argv)
-        rank = choose_rank(opts)
+        rank, measured = choose_rank(opts)
         flower_bin("flower-supernode")
     except UsageError as err:
         log.error("error: %s", err)
         return EXIT_USAGE
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    return run_device(opts, rank)
+    return run_device(opts, rank, measured)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ class DeviceOptions:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def node_config(self, rank: int) -> dict[str, int | str]:
-        """Return the node-config (kebab-case keys) the ClientApp reads, for LoRA rank ``rank``."""
+    def node_config(self, rank: int, auto_rank: str = "") -> dict[str, int | str]:
+        """Return the node-config (kebab-case keys) the ClientApp reads, for LoRA rank ``rank`` (``auto_rank``: what
+        ``--rank auto`` measured, :class:`client.device_memory.AutoRank` as JSON, so each run chooses again)."""
         config: dict[str, int | str] = {
             "lora-rank": rank,
             "model": self.model,
@@ -75,6 +76,8 @@ class DeviceOptions:
             config["num-partitions"] = self.num_partitions
         if self.state_dir is not None:
             config["state-dir"] = str(self.state_dir)
+        if auto_rank:
+            config["auto-rank"] = auto_rank
         return config
 
 

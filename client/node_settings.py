@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import INFO
 from typing import Any
+
+from flwr.common.logger import log
 
 from common.config import RunConfig
 
@@ -32,7 +36,8 @@ class NodeSettings:
     def from_node_config(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeSettings:
         """Settings from this node's node-config.
 
-        Keys: ``lora-rank``, ``model``, ``data``, ``partition-id``, ``num-partitions``, ``node-name``, ``state-dir``.
+        Keys: ``lora-rank``, ``model``, ``data``, ``partition-id``, ``num-partitions``, ``node-name``, ``state-dir``,
+        and ``auto-rank`` (``fedlora client --rank auto``: the rank is chosen for this run, :func:`rank_for_run`).
         """
         partition_id = int(node_config.get("partition-id", 0))
         num_partitions = int(node_config.get("num-partitions", 1))
@@ -41,6 +46,8 @@ class NodeSettings:
             rank = int(raw_rank)
         except (TypeError, ValueError):
             raise ValueError(f"node-config lora-rank must be an integer, got {raw_rank!r}") from None
+        if node_config.get("auto-rank"):
+            rank = rank_for_run(str(node_config["auto-rank"]), cfg)
         if not 1 <= rank <= cfg.lora.max_rank:
             raise ValueError(f"node-config lora-rank must be in 1..{cfg.lora.max_rank} (max-rank), got {rank}")
         return cls(
@@ -52,3 +59,20 @@ class NodeSettings:
             name=str(node_config.get("node-name", f"partition-{partition_id}")),
             state_dir=str(node_config.get("state-dir", "")),
         )
+
+
+@functools.cache
+def rank_for_run(measured: str, cfg: RunConfig) -> int:
+    """``--rank auto`` for this run: the largest rank that training at the run's batch, length, ``max-rank`` and DP
+    mode fits in what the device measured when it started (the same answer for every message of the run; logged
+    once)."""
+    from client.device_memory import AutoRank
+
+    try:
+        rank, why = AutoRank.from_json(measured).rank_for(
+            cfg.training.batch_size, cfg.training.max_length, cfg.lora.max_rank, per_sample=cfg.privacy.dp == "local"
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"node-config auto-rank: {err}") from None
+    log(INFO, "--rank auto for this run: %s", why)
+    return rank

@@ -17,8 +17,19 @@ from flwr.common.config import parse_config_args
 
 from client.device import main, supernode_command
 from client.device_link import FailureKind, classify_supernode_exit, probe_superlink
-from client.device_memory import GIB, auto_rank, free_memory, meminfo_available
+from client.device_memory import (
+    GIB,
+    USABLE_SHARE,
+    AutoRank,
+    ModelShape,
+    auto_rank,
+    free_memory,
+    meminfo_available,
+    training_bytes,
+)
 from client.device_options import UsageError, node_config_string, parse_options
+from client.model import resolve_model
+from common.config import RunConfig
 from server.certs import CertPaths, create_certs, issue_server_certificate, pem_certificate, pem_private_key, write_file
 
 # Log tails recorded from flower-supernode 1.42 (ANSI colours as it prints them).
@@ -67,22 +78,75 @@ def _args(certs: CertPaths, **overrides: str) -> list[str]:
     return [item for pair in values.items() for item in pair]
 
 
-@pytest.mark.parametrize(
-    ("free_gib", "rank"),
-    [(0, 2), (0.99, 2), (1, 4), (1.5, 4), (2, 8), (3.9, 8), (4, 16), (8, 32), (15.9, 32), (16, 64), (1024, 64)],
-)
-def test_auto_rank_follows_the_documented_table(free_gib: float, rank: int) -> None:
-    assert auto_rank(int(free_gib * GIB)) == rank
+@pytest.fixture(scope="module")
+def minilm_shape() -> ModelShape:
+    return ModelShape.of(resolve_model("minilm-l6"))
 
 
-def test_auto_rank_never_decreases_with_more_memory() -> None:
-    ranks = [auto_rank(n * GIB // 4) for n in range(0, 200)]
+@pytest.mark.parametrize("free_gib", [1, 4, 16])
+def test_auto_rank_for_minilm_at_stated_budgets_is_the_run_max_rank(minilm_shape: ModelShape, free_gib: int) -> None:
+    # MiniLM (23M parameters, 0.08 GiB) needs 0.39 GiB of activations at batch 16 × 64 and 0.21 MiB per unit of rank:
+    # any device that can train it at all affords rank 64, and max-rank caps it.
+    rank, why = auto_rank(free_gib * GIB, minilm_shape, batch=16, length=64, max_rank=64)
+    assert rank == 64 and why.startswith("rank 64 (the most max-rank 64 allows)") and "0.39 GiB of activations" in why
+    assert auto_rank(free_gib * GIB, minilm_shape, batch=16, length=64, max_rank=32)[0] == 32
+    assert auto_rank(free_gib * GIB, minilm_shape, batch=16, length=64, max_rank=5)[0] == 4
+
+
+def test_auto_rank_refuses_a_device_that_cannot_train_the_model_with_one_line(minilm_shape: ModelShape) -> None:
+    expected = r"not enough memory to train this model even at rank 2: .*\(needs 0\.59 GiB free\)"
+    with pytest.raises(ValueError, match=expected):
+        auto_rank(GIB // 4, minilm_shape, batch=16, length=64, max_rank=64)
+    with pytest.raises(ValueError, match="free_bytes must be >= 0, got -1"):
+        auto_rank(-1, minilm_shape, 16, 64, 64)
+
+
+def test_auto_rank_shrinks_with_per_sample_gradients_and_longer_sequences(minilm_shape: ModelShape) -> None:
+    # A budget where rank 64 just fits without DP-SGD: its per-sample gradients (batch × rank × Σ(in + out)) do not.
+    parts = training_bytes(minilm_shape, 64, 16, 64, per_sample=False)
+    free = int(sum(parts.values()) / USABLE_SHARE) + 1
+    plain = auto_rank(free, minilm_shape, 16, 64, 64)[0]
+    private = auto_rank(free, minilm_shape, 16, 64, 64, per_sample=True)[0]
+    assert plain == 64 and private < plain
+    with pytest.raises(ValueError, match="not enough memory"):
+        auto_rank(free, minilm_shape, 16, 512, 64)
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm-l6"])
+def test_the_shape_is_the_real_models(model: str) -> None:
+    from client.model import DEFAULT_TARGETS, LoRASettings, attach_lora, load_classifier
+
+    shape = ModelShape.of(resolve_model(model))
+    base, _ = load_classifier(resolve_model(model), num_labels=4, seed=0)
+    encoder = sum(p.numel() for name, p in base.named_parameters() if not name.startswith("classifier"))
+    assert shape.parameters in range(encoder - base.config.hidden_size**2 - base.config.hidden_size, encoder + 1)
+    targets = DEFAULT_TARGETS[base.config.model_type]
+    settings = LoRASettings(rank=8, lora_alpha=16.0, use_rslora=False, target_modules=targets, max_rank=64, seed=0)
+    peft_model = attach_lora(base, settings)
+    lora = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
+    assert lora == 8 * shape.lora_width
+
+
+def test_auto_rank_never_decreases_with_more_memory(minilm_shape: ModelShape) -> None:
+    ranks = [auto_rank(n * GIB // 8, minilm_shape, 16, 64, 64)[0] for n in range(5, 100)]
     assert ranks == sorted(ranks)
 
 
-def test_auto_rank_refuses_negative_memory() -> None:
-    with pytest.raises(ValueError, match="free_bytes must be >= 0, got -1"):
-        auto_rank(-1)
+def test_each_run_chooses_the_auto_rank_again_within_its_max_rank(minilm_shape: ModelShape) -> None:
+    from client.node_settings import NodeSettings
+
+    measured = AutoRank(16 * GIB, minilm_shape).to_json()
+    node_config = {"lora-rank": 64, "auto-rank": measured, "node-name": "box"}
+    assert " " not in measured and "'" not in measured  # it travels in flower-supernode's --node-config
+    small = RunConfig.from_mapping({"max-rank": 8, "node-ranks": "8"})
+    assert NodeSettings.from_node_config(small, node_config).rank == 8
+    assert NodeSettings.from_node_config(RunConfig(), node_config).rank == 64
+    # ... and it survives Flower's own parsing of that flag.
+    parsed = parse_config_args([node_config_string(node_config)])
+    assert parsed["auto-rank"] == measured and AutoRank.from_json(str(parsed["auto-rank"])).shape == minilm_shape
+    broken = {**node_config, "auto-rank": '{"free-bytes":1}'}
+    with pytest.raises(ValueError, match="node-config auto-rank"):
+        NodeSettings.from_node_config(RunConfig(), broken)
 
 
 def test_meminfo_available_reads_kib() -> None:
@@ -291,7 +355,6 @@ def test_free_memory_prefers_free_cuda_memory(monkeypatch: pytest.MonkeyPatch) -
     free, where = free_memory()
 
     assert free == 3 * GIB and "CUDA device 0 (Fake GPU)" in where
-    assert auto_rank(free) == 8
 
 
 def test_free_memory_falls_back_to_available_ram(monkeypatch: pytest.MonkeyPatch) -> None:
