@@ -116,7 +116,7 @@ LONGEST_FIRST = (
     "test_cli_errors.py",
     "test_centralized.py",
 )
-"""The longest modules, longest first (about 316, 221, 230, 156, 126, 118, 80, 75, 74, 60, 58, 55, 50, 53, 31 s here)."""
+"""The longest modules, longest first (about 316, 221, 230, 156, 126, 118, 80, 75, 74, 60, 58, 55, 50, 53, 31 s)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
