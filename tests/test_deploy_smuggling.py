@@ -44,6 +44,6 @@ def test_a_smuggled_key_in_a_deployed_reply_is_caught_and_refused(tmp_path: Path
             assert any("node/debug (str) is not a value a train reply may carry" in p for p in problems), problems
         else:
             assert problems == []
-    with sqlite3.connect(tmp_path / "db") as db:
+    with sqlite3.connect(tmp_path / "fedlora.db") as db:
         reasons = [reason for (reason,) in db.execute("SELECT reason FROM rejected")]
     assert reasons and all("'node' has a key this codec does not know: 'debug'" in r for r in reasons)
