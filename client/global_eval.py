@@ -15,9 +15,10 @@ from typing import Any
 
 from peft import PeftModel
 
-from client.model import load_adapter_inplace
+from client.causal_lm import resolve_causal_model
+from client.model import load_adapter_inplace, resolve_model
 from client.node_settings import NodeSettings
-from client.task_types import GlobalSet, TaskType, task_type_for
+from client.task_types import CausalLM, GlobalSet, TaskType, task_type_for
 from client.train import pick_device
 from common.config import RunConfig
 from common.updates import AdapterFactors
@@ -47,6 +48,13 @@ class GlobalEvaluator:
     def description(self) -> dict[str, Any]:
         """The fixed set: where its examples come from and their positions there."""
         return {"source": self.examples.source, "indices": list(self.examples.indices)}
+
+    @property
+    def base_model(self) -> str:
+        """The run's model as a local Hugging Face folder (a preset resolved), which the exported adapter names."""
+        if isinstance(self.task, CausalLM):
+            return str(resolve_causal_model(self.cfg.model))
+        return str(resolve_model(self.cfg.model))
 
     def __call__(self, adapter: AdapterFactors | None, rank: int) -> dict[str, float]:
         """``global-*`` metrics of ``adapter`` (factors at ``rank`` with peft's scaling, and the head), or of the base

@@ -17,6 +17,7 @@ import torch
 
 from client.causal_lm import CAUSAL_TARGETS, MAIN_CHARACTERS, resolve_causal_model
 from client.data import is_local_file, node_data, num_labels_for, partition_sizes
+from client.instruct import chatterbot_categories, chatterbot_split, read_examples
 from client.model import DEFAULT_TARGETS, resolve_model
 from client.task_types import CausalLM, character_data, task_type_for
 from client.tasks import load_local_file
@@ -95,7 +96,21 @@ def check_classification_data(cfg: RunConfig, num_nodes: int) -> list[str]:
 
 
 def check_causal_data(cfg: RunConfig, num_nodes: int) -> list[str]:
-    """One node per main character: at most six nodes, each with training and held-out lines."""
+    """Friends: one node per main character (at most six). Chatterbot: categories grouped over at most 21 nodes.
+    A file: readable records. Every node gets training and held-out examples."""
+    if cfg.task == "chatterbot":
+        categories = chatterbot_categories()
+        if num_nodes > len(categories):
+            raise ValueError(f"task chatterbot has {len(categories)} categories, not enough for {num_nodes} nodes")
+        splits = [chatterbot_split(cfg.data.eval_examples, cfg.seed, i, num_nodes) for i in range(num_nodes)]
+        empty = [s.name for s in splits if not s.test]
+        if empty:
+            raise ValueError(f"task chatterbot over {num_nodes} nodes: {empty[0]} holds no chat out; use fewer nodes")
+        sizes = [len(s.train) for s in splits]
+        return [f"data: chatterbot over {num_nodes} nodes: {min(sizes)}–{max(sizes)} training chats per node"]
+    if cfg.task.endswith((".jsonl", ".txt")):
+        examples = read_examples(Path(cfg.task))
+        return [f"data: {cfg.task}: {len(examples)} examples (each node holds out up to eval-examples of its own)"]
     if num_nodes > len(MAIN_CHARACTERS):
         raise ValueError(
             f"task {cfg.task} has one node per main character ({len(MAIN_CHARACTERS)}), not {num_nodes} nodes"

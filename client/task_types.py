@@ -6,8 +6,10 @@ The rest of a node's work (serve → load at its rank → train, with DP-SGD or 
 - :class:`Classification`: a sequence classifier (a preset encoder or a local folder) with a new head
   (peft ``modules_to_save``); packaged tasks split over simulated nodes, or a node's own JSONL/CSV file; metric:
   held-out loss and accuracy.
-- :class:`CausalLM`: a causal language model (SmolLM2 or a local folder) on lines of text (the Friends transcripts,
-  one node per main character); metric: held-out perplexity over all tokens and over content tokens.
+- :class:`CausalLM`: a causal language model (SmolLM2, ``tiny-llama`` or a local folder) on lines of text (the
+  Friends transcripts, one node per main character) or instruction chats (the chatterbot corpus, categories split
+  over nodes, or a node's own JSONL file; the loss on the responses only, :mod:`client.instruct`); metric: held-out
+  perplexity over all target tokens and over content tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from client.causal_lm import (
     use_causal_rank,
 )
 from client.data import is_local_file, node_data, num_labels_for, tokenize
+from client.instruct import chatterbot_categories, chatterbot_split, read_examples, split_examples, tokenize_examples
 from client.model import (
     LoRASettings,
     attach_lora,
@@ -48,6 +51,7 @@ from client.node_settings import NodeSettings
 from client.tasks import load_local_file, load_task, stratified_indices
 from client.train import Batch, TrainResult, TrainSettings, evaluate, train
 from common.config import RunConfig
+from common.task_kind import is_causal_task
 
 
 @dataclass(frozen=True)
@@ -157,14 +161,9 @@ class CausalLM(TaskType):
         return model, settings
 
     def data(self, cfg: RunConfig, node: NodeSettings) -> NodeBatches:
-        """The character's lines, one row per line."""
+        """The node's lines (Friends: its character's) or instruction chats, with the loss on the responses."""
         _, tokenizer = _shared_causal_model(node.model, cfg)
-        lines = character_data(cfg, node.partition_id)
-        max_length = cfg.training.max_length
-        return NodeBatches(
-            tokenize_lines(tokenizer, lines.train, max_length), tokenize_lines(tokenizer, lines.test, max_length),
-            len(lines.train),
-        )  # fmt: skip
+        return _causal_batches(cfg, node, tokenizer)
 
     def train(self, model: PeftModel, data: Batch, settings: TrainSettings, device: torch.device) -> TrainResult:
         """AdamW on the LoRA factors, bf16 autocast on CUDA."""
@@ -187,25 +186,30 @@ class CausalLM(TaskType):
         return len(data["input_ids"]), metrics
 
     def global_set(self, cfg: RunConfig) -> GlobalSet | None:
-        """Every character's held-out lines (the nodes' own held-out lines, together), up to the count."""
+        """Every node's held-out examples together (Friends: each character's; chatterbot: each category's), or
+        ``server-eval-data``, up to ``global-eval-examples``."""
         count = cfg.data.global_eval_examples
-        if count == 0:
+        if count == 0 or (cfg.task.endswith((".jsonl", ".txt")) and not cfg.data.server_eval_data):
             return None
         _, tokenizer = _shared_causal_model(cfg.model, cfg)
+        max_length = cfg.training.max_length
+        if cfg.data.server_eval_data:
+            examples = read_examples(Path(cfg.data.server_eval_data))[:count]
+            return GlobalSet(tokenize_examples(tokenizer, examples, max_length), f"{len(examples)} examples of "
+                             f"{cfg.data.server_eval_data}")  # fmt: skip
+        if cfg.task == "chatterbot":
+            held = [e for name, chats in sorted(chatterbot_categories().items())
+                    for e in split_examples(name, chats, cfg.data.eval_examples, cfg.seed).test][:count]  # fmt: skip
+            source = f"{len(held)} held-out chats of the chatterbot categories (seed {cfg.seed})"
+            return GlobalSet(tokenize_examples(tokenizer, held, max_length), source)
         lines = [line for i in range(len(MAIN_CHARACTERS)) for line in character_data(cfg, i).test][:count]
-        batch = tokenize_lines(tokenizer, lines, cfg.training.max_length)
+        batch = tokenize_lines(tokenizer, lines, max_length)
         return GlobalSet(batch, f"{len(lines)} held-out lines of the {len(MAIN_CHARACTERS)} characters")
 
 
-CAUSAL_TASKS = ("friends",)
-"""Packaged tasks that are causal language modelling."""
-
-
 def task_type_for(task: str) -> TaskType:
-    """The task type of a task name or data file (``friends`` or a ``.tab`` transcript file: causal LM)."""
-    if task in CAUSAL_TASKS or task.endswith(".tab"):
-        return CausalLM()
-    return Classification()
+    """The task type of a task name or data file (:func:`common.task_kind.is_causal_task`)."""
+    return CausalLM() if is_causal_task(task) else Classification()
 
 
 def lora_settings(cfg: RunConfig, rank: int, targets: tuple[str, ...] | list[str]) -> LoRASettings:
@@ -231,6 +235,29 @@ def _shared_causal_model(model: str, cfg: RunConfig) -> tuple[PeftModel, object]
     base, tokenizer = load_causal_lm(resolve_causal_model(model))
     settings = lora_settings(cfg, min(cfg.lora.node_ranks), cfg.lora.target_modules or CAUSAL_TARGETS)
     return attach_causal_lora(base, settings), tokenizer
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_batches(cfg: RunConfig, node: NodeSettings, tokenizer: object) -> NodeBatches:
+    max_length = cfg.training.max_length
+    if node.data == "friends" or node.data.endswith(".tab"):
+        lines = character_data(cfg, node.partition_id)
+        train, test = (
+            tokenize_lines(tokenizer, lines.train, max_length),
+            tokenize_lines(tokenizer, lines.test, max_length),
+        )
+        return NodeBatches(train, test, len(lines.train))
+    if node.data == "chatterbot":
+        split = chatterbot_split(cfg.data.eval_examples, cfg.seed, node.partition_id, node.num_partitions)
+    else:
+        split = split_examples(node.name, read_examples(Path(node.data)), cfg.data.eval_examples, cfg.seed)
+    if not split.test:
+        raise ValueError(f"node {node.name}: {split.name} has too few examples to hold any out (4 at least)")
+    train, test = (
+        tokenize_examples(tokenizer, split.train, max_length),
+        tokenize_examples(tokenizer, split.test, max_length),
+    )
+    return NodeBatches(train, test, len(split.train))
 
 
 @functools.lru_cache(maxsize=16)

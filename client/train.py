@@ -111,8 +111,19 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 
+def trim_padding(batch: Batch) -> Batch:
+    """Right-padded rows cut to the longest row of this batch (no column of padding only): the same loss and
+    logits on the real tokens, without paying for the longest example of the whole set."""
+    if "attention_mask" not in batch or batch["attention_mask"].ndim != 2:
+        return batch
+    width = max(int(batch["attention_mask"].sum(dim=1).max()), 1)
+    if bool(batch["attention_mask"][:, width:].any()):
+        return batch  # padded on the left: nothing to cut
+    return {k: v[:, :width] if v.ndim == 2 and v.shape[1] >= width else v for k, v in batch.items()}
+
+
 def batches(data: Batch, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-    """Endless shuffled mini-batches (reshuffled every epoch)."""
+    """Endless shuffled mini-batches (reshuffled every epoch), each trimmed to its longest row."""
     n = int(data["labels"].shape[0])
     if n == 0:
         raise ValueError("no training examples on this node")
@@ -120,7 +131,7 @@ def batches(data: Batch, batch_size: int, generator: torch.Generator) -> Iterato
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield {k: v[idx] for k, v in data.items()}
+            yield trim_padding({k: v[idx] for k, v in data.items()})
 
 
 def train(
@@ -170,7 +181,10 @@ def evaluate(model: torch.nn.Module, data: Batch, batch_size: int, device: torch
         return EvalResult(float("nan"), float("nan"), 0)
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size].to(device) for k, v in data.items()}
+        batch = {
+            k: v.to(device)
+            for k, v in trim_padding({k: v[start : start + batch_size] for k, v in data.items()}).items()
+        }
         out = model(**batch)
         total_loss += float(out.loss) * int(batch["labels"].shape[0])
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())

@@ -9,6 +9,7 @@ adapter as a standard PEFT folder without a base model:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -120,7 +121,7 @@ class EvaluateReply:
     node: NodeInfo
     """Who sent it."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """``eval-loss``, ``eval-accuracy``."""
+    """``eval-loss`` and ``eval-accuracy`` (classification) or ``eval-perplexity`` with its sums (causal LM)."""
 
 
 class Reported(Protocol):
@@ -137,3 +138,12 @@ def weighted_metric(replies: Iterable[Reported], key: str) -> float | None:
     pairs = [(r.metrics[key], r.num_examples) for r in replies if key in r.metrics]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total > 0 else None
+
+
+def pooled_perplexity(replies: Iterable[Reported]) -> float | None:
+    """exp(Σ NLL / Σ tokens) over the replies that report ``eval-nll-sum`` and ``eval-tokens``: the perplexity of
+    every node's held-out tokens together (None when none do). Not the mean of the nodes' perplexities, which
+    would weigh a node of ten tokens like a node of ten thousand."""
+    pairs = [(r.metrics["eval-nll-sum"], r.metrics["eval-tokens"]) for r in replies if "eval-tokens" in r.metrics]
+    tokens = sum(t for _, t in pairs)
+    return math.exp(sum(nll for nll, _ in pairs) / tokens) if tokens > 0 else None

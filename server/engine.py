@@ -22,7 +22,15 @@ import numpy as np
 
 from common.config import RunConfig
 from common.diagnostics import rank_warning
-from common.updates import AdapterFactors, EvaluateReply, Instruction, NodeInfo, TrainReply, weighted_metric
+from common.updates import (
+    AdapterFactors,
+    EvaluateReply,
+    Instruction,
+    NodeInfo,
+    TrainReply,
+    pooled_perplexity,
+    weighted_metric,
+)
 from common.validation import Layout, UpdateLimits
 from server.accept import Rejection, accept_updates, missing_replies, update_limits
 from server.global_adapter import GlobalAdapter
@@ -36,6 +44,11 @@ class GlobalEvaluation(Protocol):
     @property
     def description(self) -> dict[str, Any]:
         """What the fixed set is (its source, and the positions of its examples there), for the run folder."""
+        ...
+
+    @property
+    def base_model(self) -> str:
+        """The base model as a folder stock ``from_pretrained`` loads (what the exported adapter names)."""
         ...
 
     def __call__(self, adapter: AdapterFactors | None, rank: int) -> dict[str, float]:
@@ -60,7 +73,8 @@ class RoundOutcome:
     aggregation_seconds: float = 0.0
     diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    """``train-loss``, ``eval-loss``, ``eval-accuracy``: example-weighted means over the nodes that report them."""
+    """``train-loss``, ``eval-loss``, ``eval-accuracy``: example-weighted means over the nodes that report them;
+    ``eval-perplexity``: pooled over their held-out tokens (causal LM); ``global-*``: the coordinator's evaluation."""
     rejected: list[Rejection] = field(default_factory=list)
     skipped: str | None = None
     """Why the round left the global adapter as it was (None when it aggregated)."""
@@ -255,6 +269,9 @@ class RoundEngine:
         metrics = {}
         for key in ("eval-loss", "eval-accuracy"):
             metrics.update(self._record_metric(key, counted))
+        perplexity = pooled_perplexity(counted)
+        if perplexity is not None:
+            metrics["eval-perplexity"] = self.outcome.metrics["eval-perplexity"] = perplexity
         if server_round == 0:
             self.outcome.participants = sorted(answered)
         self.outcome.round = server_round

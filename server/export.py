@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from common.atomic_file import write_json_atomic, write_text_atomic
 from common.config import RunConfig
+from common.task_kind import peft_task_type
 from common.updates import AdapterFactors
 
 
@@ -28,7 +29,7 @@ def save_peft_adapter(folder: Path, adapter: AdapterFactors, rank: int, cfg: Run
         use_rslora=cfg.lora.use_rslora,
         target_modules=targets,
         modules_to_save=head_modules or None,
-        task_type="SEQ_CLS",
+        task_type=peft_task_type(cfg.task),
         base_model_name_or_path=base_model,
     )
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -42,7 +43,7 @@ def save_peft_adapter(folder: Path, adapter: AdapterFactors, rank: int, cfg: Run
 
 
 def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy and loss per round as a PNG."""
+    """Accuracy (perplexity for a causal LM) and loss per round as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,11 +51,19 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None
 
     rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    if any(r.get("global_accuracy") is not None for r in rows):
-        ax_acc.plot(rounds, [r.get("global_accuracy") for r in rows], marker="D", label="global (exported adapter)")
-    ax_acc.plot(rounds, [r.get("eval_accuracy") for r in rows], marker="o", label="nodes' mean (own rank, own share)")
-    ax_acc.set(xlabel="round", ylabel="accuracy", title="Held-out accuracy")
-    ax_acc.set_ylim(0, 1)
+    causal = any(r.get("eval_perplexity") is not None or r.get("global_perplexity") is not None for r in rows)
+    metric = "perplexity" if causal else "accuracy"
+    if any(r.get(f"global_{metric}") is not None for r in rows):
+        ax_acc.plot(rounds, [r.get(f"global_{metric}") for r in rows], marker="D", label="global (exported adapter)")
+    nodes = "pooled" if causal else "mean"
+    ax_acc.plot(
+        rounds, [r.get(f"eval_{metric}") for r in rows], marker="o", label=f"nodes' {nodes} (own rank, own share)"
+    )
+    ax_acc.set(xlabel="round", ylabel=metric, title=f"Held-out {metric}")
+    if causal:
+        ax_acc.set_yscale("log")
+    else:
+        ax_acc.set_ylim(0, 1)
     ax_acc.legend()
     if any(r.get("global_loss") is not None for r in rows):
         ax_loss.plot(rounds, [r.get("global_loss") for r in rows], marker="D", label="global eval loss")

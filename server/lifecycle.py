@@ -75,7 +75,8 @@ def close_run(strategy: LoRAStrategy, recorder: RunRecorder, cfg: RunConfig) -> 
         raise NothingTrained(f"the run trained nothing: {reason}")
     rank = max(engine.ranks, default=1)
     adapter = engine.global_adapter.export(rank, cfg.lora.lora_alpha, cfg.lora.use_rslora)
-    path = recorder.finish(adapter, rank)
+    evaluator = engine.evaluator
+    path = recorder.finish(adapter, rank, base_model=evaluator.base_model if evaluator is not None else cfg.model)
     log(INFO, "fedlora | done: outputs in %s, adapter %s", recorder.out_dir, path)
 
 

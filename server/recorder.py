@@ -62,6 +62,7 @@ class RunRecorder:
             "round": entry.round,
             "eval_accuracy": entry.metrics.get("eval-accuracy"),
             "eval_loss": entry.metrics.get("eval-loss"),
+            **({"eval_perplexity": entry.metrics["eval-perplexity"]} if "eval-perplexity" in entry.metrics else {}),
             "train_loss": entry.metrics.get("train-loss"),
             "participants": len(entry.participants),
             "rejected": len(entry.rejected),
@@ -89,10 +90,11 @@ class RunRecorder:
         self._progress(row)
 
     def _progress(self, row: dict[str, Any]) -> None:
-        accuracy = row["eval_accuracy"]
+        accuracy, perplexity = row["eval_accuracy"], row.get("eval_perplexity")
         parts = [
             f"round {row['round']}/{self.cfg.num_rounds}",
-            f"accuracy {accuracy:.3f}" if accuracy is not None else "accuracy n/a",
+            f"perplexity {perplexity:.2f}" if perplexity is not None else "",
+            f"accuracy {accuracy:.3f}" if accuracy is not None else ("" if perplexity is not None else "accuracy n/a"),
             f"train loss {row['train_loss']:.3f}" if row["train_loss"] is not None else "",
             f"up {row['bytes_up'] / 1e6:.2f} MB" if row["bytes_up"] else "",
             f"{row['rejected']} rejected" if row["rejected"] else "",
@@ -102,14 +104,22 @@ class RunRecorder:
         log(INFO, "fedlora | %s", " | ".join(p for p in parts if p))
 
     def finish(
-        self, adapter: AdapterFactors | None, rank: int, status: str = "completed", reason: str = ""
+        self,
+        adapter: AdapterFactors | None,
+        rank: int,
+        status: str = "completed",
+        reason: str = "",
+        base_model: str | None = None,
     ) -> Path | None:
         """Export the adapter (PEFT folder), the plot and the summary; mark the run finished in the store; let go of
-        the run folder. ``reason`` says why a run that did not complete ended as it did."""
+        the run folder. ``reason`` says why a run that did not complete ended as it did; ``base_model`` is what the
+        adapter names as its base (a folder stock transformers loads; default: the run's ``model``)."""
         try:
             adapter_path = None
             if adapter is not None:
-                adapter_path = save_peft_adapter(self.out_dir / "adapter", adapter, rank, self.cfg, self.cfg.model)
+                adapter_path = save_peft_adapter(
+                    self.out_dir / "adapter", adapter, rank, self.cfg, base_model or self.cfg.model
+                )
             if self.rows:
                 plot_metrics(self.rows, self.out_dir / "metrics.png", f"fedlora · rule {self.cfg.rule}")
             self._summary(adapter_path, rank, status, reason)
@@ -126,8 +136,7 @@ class RunRecorder:
             f"rule: {self.cfg.rule}    rounds: {final.get('round', 0)}",
             f"model: {self.cfg.model}    task: {self.cfg.task}",
             *global_lines(first, final, rank),
-            f"nodes' mean accuracy (each node at its own rank, on its own held-out share): round 0 "
-            f"{_fmt(first.get('eval_accuracy'))}, final {_fmt(final.get('eval_accuracy'))}",
+            _nodes_line(first, final),
             f"nodes' mean eval loss: round 0 {_fmt(first.get('eval_loss'))}, final {_fmt(final.get('eval_loss'))}",
             f"bytes up (all rounds):   {sum(r['bytes_up'] for r in self.rows):,}",
             f"bytes down (all rounds): {sum(r['bytes_down'] for r in self.rows):,}",
@@ -149,6 +158,18 @@ def global_lines(first: dict[str, Any], final: dict[str, Any], rank: int) -> lis
         if key in final:
             lines.append(f"global {name}: round 0 {_fmt(first.get(key))}, final {_fmt(final.get(key))}")
     return lines
+
+
+def _nodes_line(first: dict[str, Any], final: dict[str, Any]) -> str:
+    """The nodes' own evaluation: pooled perplexity (causal LM) or mean accuracy (classification)."""
+    if "eval_perplexity" in final:
+        name, key = "perplexity (pooled over their held-out tokens)", "eval_perplexity"
+    else:
+        name, key = "mean accuracy", "eval_accuracy"
+    return (
+        f"nodes' {name}, each node at its own rank on its own held-out share: round 0 {_fmt(first.get(key))}, "
+        f"final {_fmt(final.get(key))}"
+    )
 
 
 def _fmt(value: Any) -> str:
