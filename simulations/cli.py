@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 
 from simulations import simulate
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError,
+)  # fmt: skip
 
 
 DELEGATED: dict[str, tuple[str, str]] = {
@@ -18,8 +20,11 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "certs": ("server.certs", "create a CA, SuperLink certificate and node keys"),
     "client": ("client.device", "join a federation from this device (starts a SuperNode)"),
     "submit": ("simulations.submit", "submit a run to a SuperLink and wait for its final status"),
+    "generate": ("client.adapter_tools:generate_main", "complete prompts with the base and the fine-tuned model"),
+    "export": ("client.adapter_tools:export_main", "merge an exported adapter into its base model (--merge)"),
 }
-"""Commands whose own parser lives in another module; the rest of the command line is passed on untouched."""
+"""Commands whose own parser lives in another module (``module`` runs ``module.main``, ``module:function`` that
+function); the rest of the command line is passed on untouched."""
 
 
 def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
@@ -28,7 +33,8 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        main: Callable[[list[str]], int] = importlib.import_module(module).main
+        name, _, function = module.partition(":")
+        main: Callable[[list[str]], int] = getattr(importlib.import_module(name), function or "main")
         return main(list(args.rest))
 
     return handler
