@@ -139,11 +139,14 @@ def choose_rank(opts: DeviceOptions) -> tuple[int, AutoRank | None]:
     :class:`client.device_memory.AutoRank`)."""
     if opts.rank is not None:
         return opts.rank, None
-    from client.model import resolve_model  # torch and transformers: only for --rank auto
+    from client.causal_lm import CAUSAL_PRESETS, resolve_causal_model  # torch and transformers: only for auto
+    from client.model import resolve_model
+
+    resolve = resolve_causal_model if opts.model in CAUSAL_PRESETS else resolve_model
 
     free, where = free_memory()
     try:
-        measured = AutoRank(free, ModelShape.of(resolve_model(opts.model)))
+        measured = AutoRank(free, ModelShape.of(resolve(opts.model)))
         defaults = RunConfig()
         rank, why = measured.rank_for(
             defaults.training.batch_size, defaults.training.max_length, defaults.lora.max_rank, per_sample=False

@@ -117,7 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--superlink", required=True, metavar="HOST:PORT", help="SuperLink address, e.g. 192.168.1.10:9092")
     add("--root-cert", required=True, type=Path, metavar="CA.CRT", help="CA certificate that signed the SuperLink's")
     add("--key", required=True, type=Path, metavar="NODE.KEY", help="this node's private key (fedlora certs)")
-    add("--data", required=True, metavar="PATH|TASK", help="local JSONL/CSV file (text, label) or a task name")
+    add(
+        "--data",
+        required=True,
+        metavar="PATH|TASK",
+        help=(
+            "local file or a task name: JSONL/CSV (text, label) for a classifier; "
+            "JSONL (prompt/response, messages or text) or .txt for a causal LM"
+        ),
+    )
     add("--model", required=True, metavar="PATH|PRESET", help="local Hugging Face model folder or a preset name")
     add("--rank", required=True, metavar="auto|N", help="LoRA rank, or 'auto' to pick it from free memory")
     add("--name", help="display name (default: the key file's name without .key)")
@@ -241,7 +249,7 @@ def _path_or_preset(option: str, value: str, want_dir: bool) -> str:
     if want_dir and not path.is_dir():
         raise UsageError(f"{option} {value}: expected a model folder (config.json, weights), got a file")
     if not want_dir and not path.is_file():
-        raise UsageError(f"{option} {value}: expected a .jsonl or .csv file, got a folder")
+        raise UsageError(f"{option} {value}: expected a data file (.jsonl, .csv, .txt), got a folder")
     return str(path.resolve())
 
 
