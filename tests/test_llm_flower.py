@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import simulate
+from conftest import SimulationRun, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +23,18 @@ CASES = {"friends": ("svd", 32), "chatterbot": ("ffa", 96)}
 """task → (rule, max-length)."""
 
 
-@pytest.mark.parametrize("task", sorted(CASES))
-def test_a_causal_lm_federation_runs_on_flower_and_exports_a_stock_peft_adapter(tmp_path: Path, task: str) -> None:
-    # Act
-    rule, max_length = CASES[task]
-    run = simulate(tmp_path, nodes=2, cpus_per_node=1, task=task, rule=rule, **{"max-length": max_length},
-                   **LLM_SETTINGS)  # fmt: skip
+@pytest.fixture(scope="module", params=sorted(CASES))
+def llm_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SimulationRun:
+    """One real ``fedlora simulate`` per task, shared by the tests of this module."""
+    rule, max_length = CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    return simulate(tmp, nodes=2, cpus_per_node=1, task=request.param, rule=rule, **{"max-length": max_length},
+                    **LLM_SETTINGS)  # fmt: skip
+
+
+def test_a_causal_lm_federation_runs_on_flower_and_exports_a_stock_peft_adapter(llm_run: SimulationRun) -> None:
     # Assert: completed, the perplexity of the exported adapter on the fixed set fell, and the files say causal LM.
+    run = llm_run
     assert run.returncode == 0, run.output[-3000:]
     rows = run.metrics()
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -40,6 +46,41 @@ def test_a_causal_lm_federation_runs_on_flower_and_exports_a_stock_peft_adapter(
     assert adapter_config["r"] == 4
     # Stock transformers + peft, from the folder the adapter names, give the coordinator's final number.
     assert stock_perplexity(run.out_dir, run.config()) == pytest.approx(rows[-1]["global_perplexity"], rel=1e-4)
+
+
+def test_the_dashboard_shows_a_causal_run_by_its_perplexity(llm_run: SimulationRun, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from simulations.screenshot_dashboard import VIEWPORT, free_port, launch_chromium, start_dashboard, stop
+
+    rows = llm_run.metrics()
+    with sqlite3.connect(llm_run.store) as db:
+        ((run_id,),) = db.execute("SELECT run_id FROM runs").fetchall()
+    port = free_port()
+    with (tmp_path / "dashboard.log").open("wb") as log, sync_playwright() as playwright:
+        dashboard = start_dashboard(llm_run.store, port, log)
+        try:
+            page = launch_chromium(playwright).new_page(viewport=VIEWPORT)  # type: ignore[arg-type]
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"http://127.0.0.1:{port}/runs/{run_id}")
+            page.wait_for_function("document.body.dataset.lastRound === '2'")
+            # Assert: perplexity, not accuracy, everywhere the run's measure is shown; the numbers are the run's.
+            best = min(rows, key=lambda r: r["global_perplexity"])
+            assert page.locator("#best-title").text_content() == "Best perplexity"
+            assert page.locator("#best-accuracy").inner_text() == f"{best['global_perplexity']:.2f}"
+            assert page.locator("#global-metric-head").text_content() == "Global perplexity"
+            chart = page.evaluate(
+                "(() => { const c = Chart.getChart('chart-eval'); return {type: c.options.scales.y.type, "
+                "label: c.data.datasets[0].label, data: c.data.datasets[0].data}; })()"
+            )
+            assert chart["type"] == "logarithmic" and chart["label"].startswith("global perplexity")
+            assert chart["data"] == pytest.approx([r["global_perplexity"] for r in rows])
+            cells = page.locator("#rounds-table tbody td.global_perplexity").all_inner_texts()
+            assert cells == [f"{r['global_perplexity']:.2f}" for r in reversed(rows)]
+            assert errors == []
+        finally:
+            stop(dashboard)
 
 
 def stock_perplexity(out_dir: Path, settings: dict[str, object]) -> float:

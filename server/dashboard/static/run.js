@@ -53,6 +53,42 @@
 
   const metric = (round, key) => (f.isNumber(round.metrics[key]) ? round.metrics[key] : null);
 
+  // What the run is measured by: accuracy (classification, higher is better) or held-out perplexity (a causal LM,
+  // lower is better, drawn on a log axis).
+  const ACCURACY = { name: "accuracy", format: (v) => f.formatPercent(v), better: (a, b) => a > b };
+  const PERPLEXITY = { name: "perplexity", format: (v) => f.formatFixed(v, 2), better: (a, b) => a < b };
+  const quality = (rounds) => (rounds.some((r) => metric(r, "global_perplexity") !== null
+    || metric(r, "eval_perplexity") !== null) ? PERPLEXITY : ACCURACY);
+  let shownQuality = ACCURACY;
+
+  function useQuality(q) {
+    if (q === shownQuality) return;
+    shownQuality = q;
+    const ds = charts.eval.data.datasets;
+    ds[0].label = `global ${q.name} (exported adapter)`;
+    ds[1].label = q === PERPLEXITY ? "nodes' perplexity (pooled, own rank, own share)" : "nodes' accuracy (own rank, own share)";
+    charts.eval.options.scales.y = q === PERPLEXITY
+      ? { type: "logarithmic", title: { display: true, text: "perplexity" } }
+      : { min: 0, max: 1, title: { display: true, text: "accuracy" } };
+    setText("best-title", `Best ${q.name}`);
+    document.getElementById("best-title").title = `the global ${q.name} when the run has one, else the nodes'`;
+    setText("eval-caption", `${q === PERPLEXITY ? "Perplexity" : "Accuracy"} and loss: global (the exported adapter `
+      + "on the fixed set) and nodes'");
+    setText("global-metric-head", `Global ${q.name}`);
+    setText("nodes-metric-head", q === PERPLEXITY ? "Nodes' perplexity" : "Nodes' accuracy");
+  }
+
+  // The best round by the run's measure: the global one where the run has it, else the nodes'.
+  function best(rounds, q) {
+    const key = rounds.some((r) => metric(r, "global_" + q.name) !== null) ? "global_" + q.name : "eval_" + q.name;
+    let found = null;
+    rounds.forEach((r) => {
+      const value = metric(r, key);
+      if (value !== null && (found === null || q.better(value, found.value))) found = { value, round: r.server_round };
+    });
+    return found;
+  }
+
   function lastValue(rounds, pick) {
     for (let i = rounds.length - 1; i >= 0; i -= 1) {
       const value = pick(rounds[i]);
@@ -86,8 +122,10 @@
     setText("rounds-planned", String(run.rounds_planned), run.rounds_planned);
     const fraction = run.rounds_planned > 0 ? Math.min(1, run.rounds_done / run.rounds_planned) : 0;
     document.getElementById("progress-bar").style.width = (100 * fraction).toFixed(1) + "%";
-    setText("best-accuracy", f.formatPercent(run.best_accuracy), run.best_accuracy);
-    setText("best-accuracy-round", run.best_accuracy_round === null ? "" : `round ${run.best_accuracy_round}`);
+    if (shownQuality === ACCURACY) {  // a causal run's best perplexity comes from its rounds (renderCharts)
+      setText("best-accuracy", f.formatPercent(run.best_accuracy), run.best_accuracy);
+      setText("best-accuracy-round", run.best_accuracy_round === null ? "" : `round ${run.best_accuracy_round}`);
+    }
     setText("started-at", f.formatShortTime(run.started_at), run.started_at);
     document.getElementById("started-at").title = f.formatTime(run.started_at);
     setText("duration", f.formatDuration(run.duration_seconds), run.duration_seconds);
@@ -126,8 +164,15 @@
 
   function renderCharts(rounds, diagnostics) {
     const labels = rounds.map((r) => r.server_round);
-    setData(charts.eval, labels, ["global_accuracy", "eval_accuracy", "global_loss", "eval_loss"].map(
+    const q = quality(rounds);
+    useQuality(q);
+    setData(charts.eval, labels, [`global_${q.name}`, `eval_${q.name}`, "global_loss", "eval_loss"].map(
       (key) => rounds.map((r) => metric(r, key))));
+    if (q === PERPLEXITY) {
+      const found = best(rounds, q);
+      setText("best-accuracy", found ? q.format(found.value) : "–", found ? found.value : null);
+      setText("best-accuracy-round", found ? `round ${found.round}` : "");
+    }
     setData(charts.train, labels, [rounds.map((r) => metric(r, "train_loss"))]);
     setData(charts.bytes, labels, [rounds.map((r) => r.bytes_down_total), rounds.map((r) => r.bytes_up_total)]);
     const epsilon = rounds.map((r) => r.epsilon);
@@ -234,7 +279,8 @@
       f.cell(tr, String(round.participants.length), "num participants", round.participants.length);
       f.cell(tr, String(round.rejected), "num rejected", round.rejected);
       ["train_loss", "eval_loss"].forEach((key) => f.cell(tr, f.formatFixed(metric(round, key), 4), "num " + key, metric(round, key)));
-      ["global_accuracy", "eval_accuracy"].forEach((key) => f.cell(tr, f.formatPercent(metric(round, key)), "num " + key, metric(round, key)));
+      const q = shownQuality;
+      [`global_${q.name}`, `eval_${q.name}`].forEach((key) => f.cell(tr, q.format(metric(round, key)), "num " + key, metric(round, key)));
       f.cell(tr, f.formatBytes(round.bytes_down_total), "num bytes_down", round.bytes_down_total);
       f.cell(tr, f.formatBytes(round.bytes_up_total), "num bytes_up", round.bytes_up_total);
       const seconds = round.server_round === 0 || round.skipped ? null : round.aggregation_seconds;
