@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer
 
 from client.causal_lm import (
     CAUSAL_TARGETS,
+    IGNORE_INDEX,
     MAIN_CHARACTERS,
     CharacterLines,
     attach_causal_lora,
@@ -205,6 +207,19 @@ class CausalLM(TaskType):
         lines = [line for i in range(len(MAIN_CHARACTERS)) for line in character_data(cfg, i).test][:count]
         batch = tokenize_lines(tokenizer, lines, max_length)
         return GlobalSet(batch, f"{len(lines)} held-out lines of the {len(MAIN_CHARACTERS)} characters")
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """Rows of several batches in one, right-padded to the widest (padding: id 0, mask 0, label -100)."""
+    width = max(int(b["input_ids"].shape[1]) for b in batches)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+    def widen(key: str, value: torch.Tensor) -> torch.Tensor:
+        if value.ndim < 2 or value.shape[1] == width:
+            return value
+        return torch.nn.functional.pad(value, (0, width - value.shape[1]), value=fill.get(key, 0))
+
+    return {key: torch.cat([widen(key, b[key]) for b in batches]) for key in batches[0]}
 
 
 def task_type_for(task: str) -> TaskType:

@@ -26,50 +26,56 @@ def total_steps(cfg: RunConfig, nodes: int) -> tuple[int, int]:
 
 
 def run_centralized(cfg: RunConfig, nodes: int, out_dir: Path) -> list[dict[str, Any]]:
-    """Train on the pooled data, evaluate after every round-equivalent, write the outputs; return the rows."""
+    """Train on the pooled data, evaluate after every round-equivalent, write the outputs; return the rows.
+
+    Any task type (:mod:`client.task_types`): a classifier on the pooled shares, or a causal LM on every node's
+    lines or chats, with the same model code, data code and metric as the federated nodes.
+    """
     # Imported here so that `fedlora --help` and input errors do not pay for torch and transformers.
-    from client.data import pooled_data, tokenize
     from client.global_eval import GlobalEvaluator
-    from client.model import attach_lora, default_targets, get_adapter, load_classifier, resolve_model
-    from client.task_types import lora_settings
-    from client.train import TrainSettings, evaluate, pick_device, train
+    from client.model import get_adapter
+    from client.node_settings import NodeSettings
+    from client.task_types import CausalLM, concat_batches, task_type_for
+    from client.train import TrainSettings, pick_device, train
     from common.atomic_file import write_json_atomic
     from server.export import plot_metrics, save_peft_adapter, write_metrics
 
     started = time.time()
     write_json_atomic(out_dir / "config.json", {"mode": "centralized", "num-nodes": nodes, **cfg.to_mapping()})
-    data, evaluator = pooled_data(cfg, cfg.task, nodes), GlobalEvaluator.from_config(cfg)
-    base, tokenizer = load_classifier(resolve_model(cfg.model), data.num_labels, cfg.seed)
+    task, evaluator = task_type_for(cfg.task), GlobalEvaluator.from_config(cfg)
     rank = max(cfg.lora.node_ranks[:nodes] or cfg.lora.node_ranks)
-    settings = lora_settings(cfg, rank, cfg.lora.target_modules or default_targets(base))
-    model = attach_lora(base, settings)
-    train_batch, test_batch = (tokenize(tokenizer, d, cfg.training.max_length) for d in (data.train, data.test))
+    node = NodeSettings(rank, cfg.model, cfg.task, 0, nodes, "centralized")
+    model, settings = task.model(cfg, node)
+    shares = [task.data(cfg, dataclasses.replace(node, partition_id=i)) for i in range(nodes)]
+    train_batch, test_batch = concat_batches([s.train for s in shares]), concat_batches([s.test for s in shares])
     device = pick_device()
     per_round, steps = total_steps(cfg, nodes)
     rows: list[dict[str, Any]] = []
 
     def record(step: int, train_loss: float | None) -> None:
-        result = evaluate(model, test_batch, max(cfg.training.batch_size, 32), device)
+        _, metrics = task.evaluate(model, test_batch, cfg, device)
         row = {
             "round": step // per_round,
             "step": step,
             **({k.replace("-", "_"): v for k, v in evaluator.evaluate_model(model).items()} if evaluator else {}),
-            "eval_accuracy": result.accuracy,
-            "eval_loss": result.loss,
+            **{k.replace("-", "_"): v for k, v in metrics.items()},
             "train_loss": train_loss,
             "seconds": round(time.time() - started, 1),
         }
         rows.append(row)
         write_metrics(rows, out_dir)
-        shown = row.get("global_accuracy", result.accuracy)
-        print(f"centralized | step {step}/{steps} | accuracy {shown:.3f} | {row['seconds']:.0f} s", flush=True)
+        name = "perplexity" if "eval_perplexity" in row else "accuracy"
+        shown = row.get(f"global_{name}", row[f"eval_{name}"])
+        print(f"centralized | step {step}/{steps} | {name} {shown:.3f} | {row['seconds']:.0f} s", flush=True)
 
     record(0, None)
     schedule = dataclasses.replace(
         TrainSettings.from_config(cfg, steps, cfg.seed), learning_rate=cfg.training.baseline_learning_rate
     )
-    train(model, train_batch, schedule, device, every=per_round, callback=record)
-    save_peft_adapter(out_dir / "adapter", get_adapter(model), settings.rank, cfg, cfg.model)
+    causal = isinstance(task, CausalLM)
+    train(model, train_batch, schedule, device, every=per_round, callback=record, bf16_on_cuda=causal)
+    base_model = evaluator.base_model if evaluator else cfg.model
+    save_peft_adapter(out_dir / "adapter", get_adapter(model), settings.rank, cfg, base_model)
     plot_metrics(rows, out_dir / "metrics.png", f"centralized LoRA r={settings.rank}")
     write_summary(
         out_dir, rows, f"centralized LoRA r={settings.rank} on the pooled data of {nodes} nodes, {steps} steps", started
@@ -81,14 +87,14 @@ def write_summary(out_dir: Path, rows: list[dict[str, Any]], title: str, started
     """``summary.txt``: what ran, the accuracy before and after (on the global set and on the pooled node shares),
     the wall time."""
     lines = [title]
-    if "global_accuracy" in rows[-1]:
+    name = "perplexity" if "eval_perplexity" in rows[-1] else "accuracy"
+    if f"global_{name}" in rows[-1]:
         lines.append(
-            f"global accuracy ({rows[-1]['global_examples']:.0f} held-out examples, the federated run's set): "
-            f"round 0 {rows[0]['global_accuracy']:.4f}, final {rows[-1]['global_accuracy']:.4f}"
+            f"global {name} ({rows[-1]['global_examples']:.0f} held-out examples, the federated run's set): "
+            f"round 0 {rows[0][f'global_{name}']:.4f}, final {rows[-1][f'global_{name}']:.4f}"
         )
     lines += [
-        f"pooled held-out shares accuracy: round 0 {rows[0]['eval_accuracy']:.4f}, "
-        f"final {rows[-1]['eval_accuracy']:.4f}",
+        f"pooled held-out shares {name}: round 0 {rows[0][f'eval_{name}']:.4f}, final {rows[-1][f'eval_{name}']:.4f}",
         f"wall time: {time.time() - started:.0f} s",
     ]
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
