@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftModel
@@ -160,6 +160,7 @@ class CausalLM(TaskType):
         settings = lora_settings(cfg, node.rank, cfg.lora.target_modules or CAUSAL_TARGETS)
         use_causal_rank(model, settings)
         reset_adapter_inplace(model, settings)
+        set_gradient_checkpointing(model, cfg.training.gradient_checkpointing)
         return model, settings
 
     def data(self, cfg: RunConfig, node: NodeSettings) -> NodeBatches:
@@ -207,6 +208,15 @@ class CausalLM(TaskType):
         lines = [line for i in range(len(MAIN_CHARACTERS)) for line in character_data(cfg, i).test][:count]
         batch = tokenize_lines(tokenizer, lines, max_length)
         return GlobalSet(batch, f"{len(lines)} held-out lines of the {len(MAIN_CHARACTERS)} characters")
+
+
+def set_gradient_checkpointing(model: PeftModel, on: bool) -> None:
+    """Turn transformers' gradient checkpointing on (non-reentrant, so frozen inputs need no grad) or off."""
+    base: Any = model.get_base_model()
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:

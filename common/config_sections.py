@@ -107,6 +107,9 @@ class TrainingSection:
     ``round`` (a full warm-up and decay in every round)."""
     max_length: int = 64
     """Tokens per example (truncation)."""
+    gradient_checkpointing: bool = False
+    """Causal LMs: recompute each layer's activations in the backward pass instead of keeping them (transformers'
+    gradient checkpointing, non-reentrant): less memory on a small device, about a third more compute."""
 
     def __post_init__(self) -> None:
         _one_of("schedule", self.schedule, SCHEDULES)

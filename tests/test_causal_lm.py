@@ -315,3 +315,26 @@ def test_six_character_nodes_at_mixed_ranks_lower_perplexity_in_one_round(tmp_pa
     assert [e.node.rank for e in rounds[1].evaluations] == [2, 4, 8, 2, 4, 8]
     assert overall(1) < overall(0)
     assert rounds[1].bytes_up_per_node[0] < rounds[1].bytes_up_per_node[2]  # rank 2 sends less than rank 8
+
+
+def test_gradient_checkpointing_trains_to_the_same_losses() -> None:
+    # Arrange: the tiny-llama preset on a few Friends lines, once with and once without checkpointing.
+    from client.node_settings import NodeSettings
+    from common.config import RunConfig
+
+    def losses(checkpointing: bool) -> list[float]:
+        cfg = RunConfig.from_mapping({
+            "model": "tiny-llama", "task": "friends", "node-ranks": "4", "max-length": 24, "eval-examples": 4,
+            "train-examples": 16, "gradient-checkpointing": checkpointing,
+        })  # fmt: skip
+        task_types._shared_causal_model.cache_clear()
+        task = task_types.CausalLM()
+        node = NodeSettings(4, cfg.model, cfg.task, 0, 6, "node-0")
+        model, _ = task.model(cfg, node)
+        assert model.get_base_model().is_gradient_checkpointing is checkpointing
+        steps = TrainSettings(steps=4, batch_size=4, learning_rate=0.01, head_lr_ratio=1.0, seed=0)
+        result = train_causal(model, task.data(cfg, node).train, steps, CPU)
+        return [result.first_loss, result.last_loss]
+
+    # Act / Assert
+    assert losses(True) == pytest.approx(losses(False), rel=1e-5)
