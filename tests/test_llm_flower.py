@@ -101,3 +101,16 @@ def stock_perplexity(out_dir: Path, settings: dict[str, object]) -> float:
     everything, _ = line_perplexities(model, fixed.batch, 16, torch.device("cpu"))
     assert math.isfinite(everything.value)
     return everything.value
+
+
+@pytest.mark.parametrize("dp", ["local", "central"])
+def test_differential_privacy_runs_on_a_causal_lm_and_accounts_epsilon(tmp_path: Path, dp: str) -> None:
+    # Act: one round of the tiny Llama on Friends lines under DP-SGD on the nodes, or clipping + noise centrally.
+    settings = {**LLM_SETTINGS, "num-rounds": 1, "max-length": 32, "dp": dp, "noise-multiplier": 0.5}
+    run = simulate(tmp_path, nodes=2, cpus_per_node=1, task="friends", **settings)
+    # Assert
+    assert run.returncode == 0, run.output[-3000:]
+    rows = run.metrics()
+    assert rows[-1]["epsilon"] is not None and 0 < rows[-1]["epsilon"] < math.inf
+    assert math.isfinite(rows[-1]["global_perplexity"])
+    assert (run.out_dir / "adapter" / "adapter_model.safetensors").is_file()
