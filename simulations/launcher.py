@@ -180,6 +180,7 @@ def run_simulation(
     cpus_per_node: int = 2,
     deadline_s: float | None = None,
     app_dir: Path = PROJECT_DIR,
+    gpus_per_node: float = 0.0,
 ) -> RunOutcome:
     """Submit the Flower app in ``app_dir`` (fedlora's own by default) with ``run_config`` to a private simulation
     SuperLink and wait for it to end.
@@ -195,6 +196,8 @@ def run_simulation(
             config_file = flwr_home / "run-config.toml"
             config_file.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
             federation = f"num_supernodes={num_nodes} client_resources_num_cpus={cpus_per_node}"
+            if gpus_per_node > 0:
+                federation += f" client_resources_num_gpus={gpus_per_node}"
             with staged_app(app_dir) as staged:
                 command = [
                     _bin("flwr"), "run", str(staged), CONNECTION, "--stream",

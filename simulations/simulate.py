@@ -148,13 +148,17 @@ def run_deadline(cfg: RunConfig) -> float:
     return STARTUP_ALLOWANCE_S + (cfg.num_rounds + 1) * per_round
 
 
-def launch(cfg: RunConfig, nodes: int, verbose: bool, cpus_per_node: int = 1) -> int:
+def launch(cfg: RunConfig, nodes: int, verbose: bool, cpus_per_node: int = 1, gpus_per_node: float = 0.0) -> int:
     """Run the federation, echoing per-round progress; 0 when the run completed."""
     if cpus_per_node < 1:
         raise UsageError(f"--cpus-per-node must be at least 1, got {cpus_per_node}")
+    if not 0.0 <= gpus_per_node <= 64.0:
+        raise UsageError(f"--gpus-per-node must be in [0, 64], got {gpus_per_node}")
+    if gpus_per_node > 0 and not _cuda_available():
+        raise UsageError(f"--gpus-per-node {gpus_per_node}: torch sees no CUDA GPU on this machine")
     out_dir = Path(cfg.output.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    launch_info = {"num-nodes": nodes, "cpus-per-node": cpus_per_node}
+    launch_info = {"num-nodes": nodes, "cpus-per-node": cpus_per_node, "gpus-per-node": gpus_per_node}
     (out_dir / "launch.json").write_text(json.dumps(launch_info) + "\n", encoding="utf-8")
     print(f"fedlora: {nodes} nodes, rule {cfg.rule}, {cfg.num_rounds} rounds, model {cfg.model}, task {cfg.task}")
     print(f"fedlora: outputs in {out_dir} (Flower logs: {out_dir / 'flwr.log'})", flush=True)
@@ -170,7 +174,9 @@ def launch(cfg: RunConfig, nodes: int, verbose: bool, cpus_per_node: int = 1) ->
                 print(text, flush=True)
             last[0] = text
 
-    outcome = run_simulation(cfg.to_mapping(), nodes, out_dir, on_line, cpus_per_node, deadline_s=run_deadline(cfg))
+    outcome = run_simulation(
+        cfg.to_mapping(), nodes, out_dir, on_line, cpus_per_node, run_deadline(cfg), gpus_per_node=gpus_per_node
+    )
     summary = out_dir / "summary.txt"
     if summary.is_file():
         print(summary.read_text(encoding="utf-8"), end="")
@@ -183,7 +189,7 @@ def simulate(args: argparse.Namespace) -> int:
     if args.cpus_per_node < 1:
         raise UsageError(f"--cpus-per-node must be at least 1, got {args.cpus_per_node}")
     cfg, _, nodes = resolve_run(args)
-    return launch(cfg, nodes, args.verbose, args.cpus_per_node)
+    return launch(cfg, nodes, args.verbose, args.cpus_per_node, args.gpus_per_node)
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
@@ -217,8 +223,17 @@ def resume(args: argparse.Namespace) -> int:
     previous = read_json_object(launch_file, "launch record") if launch_file.is_file() else {}
     nodes = args.nodes or _count(previous, "num-nodes", len(cfg.lora.node_ranks))
     cpus = args.cpus_per_node or _count(previous, "cpus-per-node", DEFAULT_CPUS_PER_NODE)
+    gpus = previous.get("gpus-per-node", 0.0) if args.gpus_per_node is None else args.gpus_per_node
+    if isinstance(gpus, bool) or not isinstance(gpus, int | float):
+        raise UsageError(f"launch.json has gpus-per-node = {gpus!r}; expected a number")
     check_inputs(cfg, nodes)
-    return launch(cfg, nodes, args.verbose, cpus)
+    return launch(cfg, nodes, args.verbose, cpus, float(gpus))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _count(record: dict[str, Any], key: str, default: int) -> int:
@@ -229,6 +244,10 @@ def _count(record: dict[str, Any], key: str, default: int) -> int:
 
 
 DEFAULT_CPUS_PER_NODE = 1
+GPUS_HELP = (
+    "GPUs per simulated node (Flower's client resources; default 0): on a CUDA machine give each node a share, e.g. "
+    "0.25 for four nodes on one GPU; with 0 the simulation engine hides the GPU from the nodes"
+)
 CPUS_HELP = (
     "CPU cores per simulated node (Flower's client resources; default 1): as many nodes train at once as the machine "
     "has cores, each on one torch thread, which on CPUs is faster than one node on all of them"
@@ -244,12 +263,14 @@ def add_parsers(subparsers: Any) -> None:
     sim.add_argument("--resume", dest="resume_dir", type=Path, help="continue this run folder instead")
     sim.add_argument("--verbose", action="store_true", help="show Flower's full log")
     sim.add_argument("--cpus-per-node", type=int, default=DEFAULT_CPUS_PER_NODE, help=CPUS_HELP)
+    sim.add_argument("--gpus-per-node", type=float, default=0.0, help=GPUS_HELP)
     sim.set_defaults(handler=lambda a: resume_from(a) if a.resume_dir else simulate(a))
     res = subparsers.add_parser("resume", help="continue a run from its last complete checkpoint")
     res.add_argument("run_dir", help="the run folder (it holds config.json and checkpoints/)")
     res.add_argument("--nodes", type=int, help="simulated nodes (default: as before)")
     res.add_argument("--verbose", action="store_true", help="show Flower's full log")
     res.add_argument("--cpus-per-node", type=int, help=CPUS_HELP.replace("default 1", "default: as before"))
+    res.add_argument("--gpus-per-node", type=float, help=GPUS_HELP.replace("default 0", "default: as before"))
     res.set_defaults(handler=resume)
 
 

@@ -43,6 +43,15 @@ def test_cpus_per_node_below_one(tmp_path: Path) -> None:
     check_one_line_error(["simulate", "--cpus-per-node", "0", "--out", str(tmp_path / "o")], "--cpus-per-node")
 
 
+@pytest.mark.parametrize("gpus", ["-1", "0.5"])
+def test_gpus_per_node_out_of_range_or_without_a_gpu(tmp_path: Path, gpus: str) -> None:
+    import torch
+
+    if gpus == "0.5" and torch.cuda.is_available():
+        gpus = "65"  # on a GPU machine, a share is valid: ask for more than the limit instead
+    check_one_line_error(["simulate", "--gpus-per-node", gpus, "--out", str(tmp_path / "o")], "--gpus-per-node")
+
+
 def test_unknown_config_key_in_overlay(tmp_path: Path) -> None:
     overlay = tmp_path / "exp.toml"
     overlay.write_text('rul = "svd"\n')
