@@ -18,6 +18,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 DELEGATED: dict[str, tuple[str, str]] = {
     "dashboard": ("server.dashboard.cli", "serve the coordinator dashboard over a run store"),
     "certs": ("server.certs", "create a CA, SuperLink certificate and node keys"),
+    "proxy": ("server.proxy", "write the nginx config that lets devices reach only the SuperLink's Fleet API"),
     "client": ("client.device", "join a federation from this device (starts a SuperNode)"),
     "submit": ("simulations.submit", "submit a run to a SuperLink and wait for its final status"),
     "generate": ("client.adapter_tools:generate_main", "complete prompts with the base and the fine-tuned model"),
