@@ -79,15 +79,33 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_every_image_is_built_by_the_repo_dockerfile(compose: dict[str, Any]) -> None:
+def test_every_image_but_the_proxy_is_built_by_the_repo_dockerfile(compose: dict[str, Any]) -> None:
+    services = _services(compose)
     built = {
         service["image"]
-        for service in _services(compose).values()
+        for service in services.values()
         if service.get("build") == {"context": ".", "dockerfile": "Dockerfile"}
     }
 
     assert DOCKERFILE.is_file()
-    assert all(service.get("image") in built for service in _services(compose).values())
+    assert all(service.get("image") in built for name, service in services.items() if name != "proxy")
+    assert re.fullmatch(r"nginx:\d+\.\d+", services["proxy"]["image"])  # the official image, a pinned release
+
+
+def test_devices_reach_only_the_proxy_and_the_superlink_port_is_published_nowhere(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    proxy = services["proxy"]
+
+    assert "ports" not in services["superlink"]
+    assert _flags(_command(services["superlink"]))["--port"] == "9091"
+    assert proxy["ports"] == ["9092:9092"] and set(proxy["networks"]) == {"coordinator", "devices"}
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in proxy["volumes"]
+    for name in ("supernode-0", "supernode-1"):
+        assert services[name]["networks"] == ["devices"]  # superlink:9091 does not even resolve there
+    for name in ("superlink", "register", "coordinator", "dashboard"):
+        assert "devices" not in services[name]["networks"], name
+    for name in ("register", "coordinator"):  # the Control API, on the coordinator's side
+        assert _flags(_command(services[name]))["--superlink"] == "superlink:9091"
 
 
 def test_dockerfile_is_python_slim_with_pinned_cpu_torch_and_no_secrets() -> None:
@@ -125,7 +143,7 @@ def test_two_supernodes_with_ranks_2_and_8_on_different_partitions(compose: dict
     assert sorted(args.rank for args in parsed) == ["2", "8"]
     assert sorted(args.partition_id for args in parsed) == [0, 1]
     assert {args.num_partitions for args in parsed} == {2}
-    assert {args.superlink for args in parsed} == {"superlink:9092"}
+    assert {args.superlink for args in parsed} == {"proxy:9092"}
     assert len({str(args.key) for args in parsed}) == 1  # each mounts its own key file at the same path
     keys = [v for node in nodes for v in node["volumes"] if v.endswith(":/certs/node.key:ro")]
     assert sorted(keys) == ["./certs/node-0.key:/certs/node.key:ro", "./certs/node-1.key:/certs/node.key:ro"]
