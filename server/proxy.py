@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir=None if args.run_dir is None else _absolute(args.run_dir),
             max_body_mb=args.max_body_mb,
         )
+        if settings.run_dir is not None:
+            settings.run_dir.mkdir(parents=True, exist_ok=True)  # nginx creates its temp folders, not this one
         path = write_nginx_conf(args.out, settings)
     except (ValueError, OSError) as err:
         print(f"fedlora proxy: error: {err}", file=sys.stderr)
