@@ -73,7 +73,7 @@ def test_no_process_is_started_for_bad_input(tmp_path: Path) -> None:
     assert not (tmp_path / "o" / "superlink.log").exists()
 
 
-@pytest.mark.parametrize("command", ["client", "dashboard", "certs", "submit"])
+@pytest.mark.parametrize("command", ["client", "dashboard", "certs", "submit", "generate", "export", "proxy"])
 def test_delegated_commands_receive_their_options(command: str) -> None:
     done = run_fedlora(command, "--help", timeout=120)
     assert done.returncode == 0, done.stderr
