@@ -251,9 +251,12 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: Path, scale: str) -> 
     groups = group(results)
     if not groups:
         return []
-    fig, axes = plt.subplots(len(RANK_LABELS), len(DATA_LABELS), figsize=(15, 8), sharey=True, squeeze=False)
-    for i, ranks in enumerate(RANK_LABELS):
-        for j, data in enumerate(DATA_LABELS):
+    rank_rows = [r for r in RANK_LABELS if any(k[0] == r for k in groups)]  # only the settings that were run
+    data_cols = [d for d in DATA_LABELS if any(k[1] == d for k in groups)]
+    size = (5 * len(data_cols), 4 * len(rank_rows) + 0.5)
+    fig, axes = plt.subplots(len(rank_rows), len(data_cols), figsize=size, sharey=True, squeeze=False)
+    for i, ranks in enumerate(rank_rows):
+        for j, data in enumerate(data_cols):
             ax = axes[i][j]
             for method, label in METHOD_LABELS.items():
                 runs = groups.get((ranks, data, method), [])
@@ -275,9 +278,9 @@ def plot_accuracy(results: Sequence[dict[str, Any]], path: Path, scale: str) -> 
             if j == 0:
                 ax.set_ylabel("held-out accuracy")
     handles, labels = max((ax.get_legend_handles_labels() for ax in axes.flat), key=lambda hl: len(hl[1]))
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9)
     fig.suptitle(f"Accuracy per round by aggregation rule (scale {scale})")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * (len(rank_rows) == 1 and len(labels) > 3), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
@@ -318,7 +321,7 @@ def plot_collapse(results: Sequence[dict[str, Any]], path: Path, scale: str) -> 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("share of ‖G‖² in the smallest rank")
     axes[0][0].legend(fontsize=9)
-    fig.suptitle(f"Rank collapse: the global update's energy in the smallest node rank (scale {scale})")
+    fig.suptitle(f"Rank collapse: the global update's energy\nin the smallest node rank (scale {scale})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
