@@ -28,15 +28,10 @@ def read_adapter_config(adapter: Path) -> dict[str, Any]:
 
 def base_folder(name: str, causal: bool) -> Path:
     """The adapter's base model as a local folder: itself when it is one, else the preset of that name."""
-    if (Path(name).expanduser() / "config.json").is_file():
-        return Path(name).expanduser()
-    if causal:
-        from client.causal_lm import resolve_causal_model
-
-        return resolve_causal_model(name)
+    from client.causal_lm import resolve_causal_model
     from client.model import resolve_model
 
-    return resolve_model(name)
+    return resolve_causal_model(name) if causal else resolve_model(name)
 
 
 def head_labels(adapter: Path) -> int:

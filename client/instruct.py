@@ -15,6 +15,7 @@ mini-batch to its longest row (:func:`client.train.batches`), so short examples 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import zlib
@@ -116,12 +117,19 @@ def split_examples(name: str, examples: Sequence[Example], test: int, seed: int)
 
 # --- the chatterbot corpus -------------------------------------------------------------------------------------------
 def chatterbot_categories(folder: Path | None = None) -> dict[str, list[Example]]:
-    """The English chatterbot corpus: category (file stem) → chats (alternating user and assistant turns)."""
-    import yaml
+    """The English chatterbot corpus: category (file stem) → chats (alternating user and assistant turns).
 
+    Read once per process and folder (the preflight, every node's split and the global set all ask for it)."""
     from client.tasks import packaged_file
 
     folder = folder or packaged_file(CHATTERBOT_DISTRIBUTION, f"{CHATTERBOT_FOLDER}/greetings.yml").parent
+    return {name: list(chats) for name, chats in _read_chatterbot(folder).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_chatterbot(folder: Path) -> dict[str, tuple[Example, ...]]:
+    import yaml
+
     categories: dict[str, list[Example]] = {}
     for path in sorted(folder.glob("*.yml")):
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -136,7 +144,7 @@ def chatterbot_categories(folder: Path | None = None) -> dict[str, list[Example]
             categories[path.stem] = chats
     if not categories:
         raise FileNotFoundError(f"no chatterbot conversations under {folder}")
-    return categories
+    return {name: tuple(chats) for name, chats in categories.items()}
 
 
 def chatterbot_split(test: int, seed: int, partition_id: int, num_partitions: int) -> ExampleSplit:

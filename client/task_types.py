@@ -213,6 +213,8 @@ class CausalLM(TaskType):
 def set_gradient_checkpointing(model: PeftModel, on: bool) -> None:
     """Turn transformers' gradient checkpointing on (non-reentrant, so frozen inputs need no grad) or off."""
     base: Any = model.get_base_model()
+    if on == bool(base.is_activation_checkpointing):
+        return  # the shared model is already so: nothing to redo on every message
     if on:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "title": f"{args.preset}: federated LoRA of {config['model']} on {config['task']}, through Flower",
         "command": "python -m simulations.llm " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": config,
-        "nodes": max(len(config["node-ranks"].split(",")), int(_overlay_nodes(args.preset) or 0)),
+        "nodes": json.loads((out / "launch.json").read_text(encoding="utf-8"))["num-nodes"],
         "export_rank": max(int(r) for r in config["node-ranks"].split(",")),
         "global_set": json.loads((out / "global_eval_set.json").read_text(encoding="utf-8"))["source"],
         "seconds": time.monotonic() - started,
@@ -127,12 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.results / f"{args.preset}.md").write_text(text, encoding="utf-8")
     print(text)
     return 0 if rows[-1]["global_perplexity"] < rows[0]["global_perplexity"] else 1
-
-
-def _overlay_nodes(preset: str) -> int | None:
-    from simulations.simulate import read_overlay
-
-    return read_overlay(EXPERIMENTS / f"{preset}.toml").get("num-nodes")
 
 
 if __name__ == "__main__":
