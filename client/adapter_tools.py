@@ -113,7 +113,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         with model.disable_adapter():
             before = complete(model, tokenizer, ids, args.max_new_tokens)
         after = complete(model, tokenizer, ids, args.max_new_tokens)
-        print(f"prompt:     {prompt}\nbase:       {before}\nfine-tuned: {after}\n", flush=True)
+        shown = [text or "(nothing: the first token generated ends the text)" for text in (before, after)]
+        print(f"prompt:     {prompt}\nbase:       {shown[0]}\nfine-tuned: {shown[1]}\n", flush=True)
     return 0
 
 
