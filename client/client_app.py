@@ -1,4 +1,10 @@
-"""The fedlora ClientApp: thin handlers that decode a message, call plain node code, and encode the reply."""
+"""The fedlora ClientApp: thin handlers that pass a message to the node's work and the reply back.
+
+The work itself (:func:`client.warm.work`: decode, call plain node code, encode) runs in ``fedlora client``'s warm
+node when the node-config names one, so the model and data stay loaded across messages; otherwise (a simulation, a
+plain ``flower-supernode``) in this process. Nothing here imports torch: a message that a warm node answers costs
+this process only Flower's own imports.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,16 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.faults import fault_mod
-from client.node import evaluate_node, node_info, train_node
-from client.node_settings import NodeSettings
 from client.secure import secure_train_mod
-from common.codec import records
-from common.config import RunConfig
+from client.warm import handle
 
 app = ClientApp(mods=[audit_mod, fault_mod])
-
-
-def _setup(context: Context) -> tuple[RunConfig, NodeSettings]:
-    cfg = RunConfig.from_mapping(context.run_config)
-    return cfg, NodeSettings.from_node_config(cfg, context.node_config)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the coordinator this node's rank, scaling, name and device."""
-    cfg, node = _setup(context)
-    return Message(records.encode_query_reply(node_info(cfg, node)), reply_to=msg)
+    return Message(handle("query", msg.content, context), reply_to=msg)
 
 
 @app.train(mods=[secure_train_mod])
@@ -34,16 +31,10 @@ def train(msg: Message, context: Context) -> Message:
 
     Under secure aggregation, ``secure_train_mod`` runs SecAgg+ around this handler and masks the reply.
     """
-    cfg, node = _setup(context)
-    instruction = records.decode_instruction(msg.content)
-    reply = train_node(cfg, node, instruction)
-    return Message(records.encode_train_reply(reply), reply_to=msg)
+    return Message(handle("train", msg.content, context), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global adapter on this node's held-out split."""
-    cfg, node = _setup(context)
-    instruction = records.decode_instruction(msg.content)
-    reply = evaluate_node(cfg, node, instruction)
-    return Message(records.encode_evaluate_reply(reply), reply_to=msg)
+    return Message(handle("evaluate", msg.content, context), reply_to=msg)

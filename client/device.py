@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,7 @@ from client.device_link import Failure, FailureKind, classify_supernode_exit, pr
 from client.device_memory import AutoRank, ModelShape, free_memory
 from client.device_options import DeviceOptions, UsageError, node_config_string, parse_options
 from client.reaper import start_reaper, stop_reaper
+from client.warm import WarmNode
 from common.config import RunConfig
 
 __all__ = ["main", "run_device", "supernode_command"]
@@ -99,8 +100,14 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def supernode_command(opts: DeviceOptions, rank: int, runtime_port: int, measured: AutoRank | None = None) -> list[str]:
-    """Return the ``flower-supernode`` command line for this device."""
+def supernode_command(
+    opts: DeviceOptions,
+    rank: int,
+    runtime_port: int,
+    measured: AutoRank | None = None,
+    warm: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Return the ``flower-supernode`` command line for this device (``warm``: the warm node's node-config)."""
     return [
         flower_bin("flower-supernode"),
         "--superlink",
@@ -114,7 +121,7 @@ def supernode_command(opts: DeviceOptions, rank: int, runtime_port: int, measure
         "--port",
         str(runtime_port),
         "--node-config",
-        node_config_string(opts.node_config(rank, measured.to_json() if measured else "")),
+        node_config_string(opts.node_config(rank, measured.to_json() if measured else "", warm)),
     ]
 
 
@@ -276,10 +283,15 @@ def run_device(opts: DeviceOptions, rank: int, measured: AutoRank | None = None)
     reaper = start_reaper(DEVICE_MARK, mark)  # should this command be killed, its SuperNode goes with it
     with forwarding_signals(stop, target), contextlib.ExitStack() as cleanup:
         cleanup.callback(stop_reaper, reaper)
+        warm = WarmNode().start() if opts.warm else None
+        if warm is not None:
+            cleanup.callback(warm.close)
+            log.info("warm node: the model and data stay loaded across messages (--cold turns this off)")
         while not stop.event.is_set():
             failure = wait_for_superlink(opts, stop, deadline)
             if failure is None and not stop.event.is_set():
-                command = supernode_command(opts, rank, opts.runtime_port or free_port(), measured)
+                warm_config = warm.node_config() if warm else None
+                command = supernode_command(opts, rank, opts.runtime_port or free_port(), measured, warm_config)
                 log.info("starting: %s", " ".join(command))
                 ended = run_supernode(command, stop, target, mark)
                 failure = classify_supernode_exit(ended.returncode, ended.tail, opts.key, stop.event.is_set())

@@ -55,6 +55,8 @@ class DeviceOptions:
     """Seconds to keep retrying while the SuperLink is unreachable."""
     runtime_port: int | None
     """Local port of the SuperNode's Runtime API (None: a free one)."""
+    warm: bool = True
+    """Keep the model and data in this process across messages (:mod:`client.warm`); ``--cold`` turns it off."""
 
     @property
     def superlink(self) -> str:
@@ -62,9 +64,12 @@ class DeviceOptions:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def node_config(self, rank: int, auto_rank: str = "") -> dict[str, int | str]:
+    def node_config(
+        self, rank: int, auto_rank: str = "", extra: Mapping[str, str] | None = None
+    ) -> dict[str, int | str]:
         """Return the node-config (kebab-case keys) the ClientApp reads, for LoRA rank ``rank`` (``auto_rank``: what
-        ``--rank auto`` measured, :class:`client.device_memory.AutoRank` as JSON, so each run chooses again)."""
+        ``--rank auto`` measured, :class:`client.device_memory.AutoRank` as JSON, so each run chooses again; ``extra``:
+        the warm node's entries, :meth:`client.warm.WarmNode.node_config`)."""
         config: dict[str, int | str] = {
             "lora-rank": rank,
             "model": self.model,
@@ -78,7 +83,7 @@ class DeviceOptions:
             config["state-dir"] = str(self.state_dir)
         if auto_rank:
             config["auto-rank"] = auto_rank
-        return config
+        return config | dict(extra or {})
 
 
 def node_config_string(config: Mapping[str, int | str]) -> str:
@@ -134,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--state-dir", type=Path, metavar="DIR", help="folder for the node's persistent state")
     add("--connect-timeout", type=float, default=600.0, metavar="S", help="retry an unreachable SuperLink for S s")
     add("--runtime-port", type=int, metavar="P", help="local port of the SuperNode Runtime API (default: a free one)")
+    add(
+        "--cold",
+        action="store_true",
+        help="no warm node: every message loads the model and data again in a fresh process (slower; to compare)",
+    )
     return parser
 
 
@@ -167,6 +177,7 @@ def parse_options(argv: list[str] | None) -> DeviceOptions:
         state_dir=_state_dir(args.state_dir),
         connect_timeout=args.connect_timeout,
         runtime_port=args.runtime_port,
+        warm=not args.cold,
     )
 
 

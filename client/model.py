@@ -6,6 +6,9 @@ classification head (peft's ``modules_to_save``) are read out with :func:`get_ad
 
 from __future__ import annotations
 
+import collections
+import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -22,6 +25,10 @@ from transformers.utils import logging as transformers_logging
 
 from common.lora import lora_scaling, seeded_lora_a
 from common.updates import LORA_A_SUFFIX, AdapterFactors
+
+LOADS: collections.Counter[str] = collections.Counter()
+"""How often this process loaded a base model from disk (``model``) and prepared a node's data (``data``): once per
+run on a warm node or a simulation's worker, what a test and the warm node's log lines count."""
 
 DEFAULT_TARGETS = {
     "bert": ("query", "key", "value"),
@@ -123,14 +130,26 @@ def resolve_model(name_or_path: str) -> Path:
 
 
 def load_classifier(path: Path, num_labels: int, seed: int) -> tuple[PreTrainedModel, object]:
-    """Load a sequence classifier from a local folder; the new head is seeded so every node starts from the same one."""
+    """A sequence classifier from a local folder; the new head is seeded so every node starts from the same one.
+
+    Read from disk once per process and (path, labels, seed); every call gets its own copy, and the global RNG as a
+    fresh load leaves it, so what follows (peft's init, dropout) draws exactly what it would after a fresh load.
+    """
+    model, tokenizer, rng_state = _loaded_classifier(path, num_labels, seed)
+    torch.set_rng_state(rng_state)
+    return copy.deepcopy(model), tokenizer
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_classifier(path: Path, num_labels: int, seed: int) -> tuple[PreTrainedModel, object, torch.Tensor]:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
-    return model, tokenizer
+    LOADS["model"] += 1
+    return model, tokenizer, torch.get_rng_state()
 
 
 def default_targets(model: PreTrainedModel) -> tuple[str, ...]:

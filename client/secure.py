@@ -20,9 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common.codec import records
-from common.codec.secure_records import encode_fit_res, pad_rank_of
 from common.config import RunConfig
-from common.rules.registry import rule_for
 
 
 def secure_train_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -34,6 +32,9 @@ def secure_train_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         reply = call_next(message, ctx)
         if reply.has_error():
             return reply
+        from common.codec.secure_records import encode_fit_res, pad_rank_of  # torch: only under SecAgg+
+        from common.rules.registry import rule_for
+
         cfg = RunConfig.from_mapping(ctx.run_config)
         train_reply = records.decode_train_reply(reply.content)
         content, summands = encode_fit_res(train_reply, pad_rank_of(message.content), rule_for(cfg))

@@ -42,6 +42,7 @@ from client.causal_lm import (
 from client.data import is_local_file, node_data, num_labels_for, tokenize
 from client.instruct import chatterbot_categories, chatterbot_split, read_examples, split_examples, tokenize_examples
 from client.model import (
+    LOADS,
     LoRASettings,
     attach_lora,
     default_targets,
@@ -250,6 +251,7 @@ def _classification_batches(cfg: RunConfig, node: NodeSettings, model_path: str)
 
     data = node_data(cfg, node.data, node.partition_id, node.num_partitions)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    LOADS["data"] += 1
     max_length = cfg.training.max_length
     return NodeBatches(
         tokenize(tokenizer, data.train, max_length), tokenize(tokenizer, data.test, max_length), len(data.train)
@@ -260,6 +262,7 @@ def _classification_batches(cfg: RunConfig, node: NodeSettings, model_path: str)
 def _shared_causal_model(model: str, cfg: RunConfig) -> tuple[PeftModel, object]:
     """One base model per process, wrapped once; each rank gets its own adapter on it (see use_causal_rank)."""
     base, tokenizer = load_causal_lm(resolve_causal_model(model))
+    LOADS["model"] += 1
     settings = lora_settings(cfg, min(cfg.lora.node_ranks), cfg.lora.target_modules or CAUSAL_TARGETS)
     return attach_causal_lora(base, settings), tokenizer
 
@@ -267,6 +270,7 @@ def _shared_causal_model(model: str, cfg: RunConfig) -> tuple[PeftModel, object]
 @functools.lru_cache(maxsize=16)
 def _causal_batches(cfg: RunConfig, node: NodeSettings, tokenizer: object) -> NodeBatches:
     max_length = cfg.training.max_length
+    LOADS["data"] += 1
     if node.data == "friends" or node.data.endswith(".tab"):
         lines = character_data(cfg, node.partition_id)
         train, test = (

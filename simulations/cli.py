@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from simulations import simulate
+from common.extras import missing_extra
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError,
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fedlora`` parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    from simulations import centralized, simulate  # the coordinator's extras; a device's commands are delegated
+
     simulate.add_parsers(subparsers)
-    from simulations import centralized
 
     centralized.add_parser(subparsers)
     for name, (module, text) in DELEGATED.items():
@@ -68,12 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:  # argparse's catch-all would drop a first word that looks like an option
-        args = argparse.Namespace(handler=_delegate(DELEGATED[argv[0]][0]), rest=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in DELEGATED:  # argparse's catch-all would drop a first word that looks like an option
+            args = argparse.Namespace(handler=_delegate(DELEGATED[argv[0]][0]), rest=argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
         return int(args.handler(args))
+    except ModuleNotFoundError as err:
+        line = missing_extra(err, f"fedlora {argv[0] if argv else ''}".strip())
+        if line is None:
+            raise
+        print(f"fedlora: error: {line}", file=sys.stderr)
+        return 2
     except EXPECTED_ERRORS as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ is stopped on the way out, also when something fails (``Deployment.__exit__``; c
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -203,6 +204,15 @@ def test_only_lora_factors_and_the_head_left_a_node(deployed: DeployedRun, tiny_
             if entry["message-type"] == "train"
         ]
         assert train_bytes == [tiny_bert_shapes.bound(rank)] * ROUNDS  # every target module's factors, and the head
+
+
+def test_each_node_loaded_its_model_and_data_once_for_the_whole_run(deployed: DeployedRun) -> None:
+    # The warm node's line for every message: "warm node: train (round 2) in 0.4 s; model loaded 1×, data prepared 1×"
+    for name, text in deployed.node_logs.items():
+        lines = re.findall(r"warm node: (\w+)\b.*; model loaded (\d+)×, data prepared (\d+)×", text)
+        assert [op for op, _, _ in lines].count("train") == ROUNDS, (name, lines)
+        assert all(int(model) <= 1 and int(data) <= 1 for _, model, data in lines), (name, lines)
+        assert lines[-1][1:] == ("1", "1"), (name, lines)
 
 
 def test_every_process_the_deployment_started_is_gone(deployed: DeployedRun) -> None:
