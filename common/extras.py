@@ -8,9 +8,9 @@ from __future__ import annotations
 
 EXTRA_OF = {
     "ray": "simulation",
-    "flwr_datasets": "simulation",
-    "datasets": "simulation",
-    "pyarrow": "simulation",
+    "flwr_datasets": "tasks",
+    "datasets": "tasks",
+    "pyarrow": "tasks",
     "matplotlib": "coordinator",
     "tomli_w": "coordinator",
     "pathspec": "coordinator",

@@ -10,11 +10,13 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from server.engine import GlobalEvaluation
 from server.lifecycle import close_run, open_run
+from server.prompt_grid import PromptGrid
 from server.secure import run_secure
 
 
 def run_coordinator(grid: Grid, context: Context, cfg: RunConfig, evaluator: GlobalEvaluation | None = None) -> None:
     """Round 0 evaluation, ``num-rounds`` federated rounds (or the rest of them on resume), then the adapter."""
+    grid = PromptGrid(grid)  # replies collected as they arrive, not on Flower's 3-second beat
     if cfg.secagg.enabled:  # SecAgg+ lives on Flower's legacy workflow path
         run_secure(grid, context, cfg, evaluator)
         return

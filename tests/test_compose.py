@@ -81,14 +81,13 @@ def test_docker_compose_config_accepts_the_file() -> None:
 
 def test_every_image_but_the_proxy_is_built_by_the_repo_dockerfile(compose: dict[str, Any]) -> None:
     services = _services(compose)
-    built = {
-        service["image"]
-        for service in services.values()
-        if service.get("build") == {"context": ".", "dockerfile": "Dockerfile"}
-    }
+    repo = {"context": ".", "dockerfile": "Dockerfile"}
+    built = {service["image"] for service in services.values() if service.get("build") == repo}
+    devices = {s["image"] for s in services.values() if s.get("build") == {**repo, "target": "device"}}
 
-    assert DOCKERFILE.is_file()
-    assert all(service.get("image") in built for name, service in services.items() if name != "proxy")
+    assert DOCKERFILE.is_file() and re.search(r"^FROM base AS device$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert {services[f"supernode-{i}"]["image"] for i in (0, 1)} == devices == {"fedlora-device:latest"}
+    assert all(service.get("image") in built | devices for name, service in services.items() if name != "proxy")
     assert re.fullmatch(r"nginx:\d+\.\d+", services["proxy"]["image"])  # the official image, a pinned release
 
 

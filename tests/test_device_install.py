@@ -1,0 +1,90 @@
+"""The device install: ``pip install fedlora`` in a fresh virtual environment holds what a node needs and nothing
+else (no Ray, Opacus, matplotlib or flwr-datasets), stays within torch + transformers + 250 MiB, and two devices on it
+fine-tune the tiny causal LM on their own files through a real SuperLink (the SuperLink and the ServerApp run on the
+full install, as a coordinator would)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from deploy import Deployment, bounded
+from test_deploy_llm import RANKS, write_files
+
+from simulations.bench_deploy import install_size
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="process groups, SIGALRM")]
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+REST_LIMIT_MIB = 250
+
+
+@pytest.fixture(scope="module")
+def device_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh venv with pinned torch and ``pip install <this repository>`` (no extras)."""
+    venv = tmp_path_factory.mktemp("device") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    for what in (["torch==2.13.0"], [str(PROJECT_DIR)]):
+        done = subprocess.run([*pip, *what], capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+    yield venv
+
+
+def test_the_device_install_has_the_node_and_none_of_the_lab(device_venv: Path) -> None:
+    python = str(device_venv / "bin" / "python")
+    help_ = subprocess.run([str(device_venv / "bin" / "fedlora"), "client", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "--superlink" in help_.stdout, help_.stderr
+    probe = "import importlib.util as u; print([m for m in {mods} if u.find_spec(m)])"
+    wanted = subprocess.run([python, "-c", probe.format(mods=["torch", "transformers", "peft", "flwr"])],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    lab = subprocess.run([python, "-c", probe.format(mods=["ray", "opacus", "matplotlib", "flwr_datasets"])],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert wanted.stdout.strip() == "['torch', 'transformers', 'peft', 'flwr']"
+    assert lab.stdout.strip() == "[]"
+    # A command that needs an extra says which, in one line, and exits 2.
+    simulate = subprocess.run([str(device_venv / "bin" / "fedlora"), "simulate", "--nodes", "2"],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert simulate.returncode == 2 and "pip install 'fedlora[coordinator]'" in simulate.stderr, simulate.stderr
+
+
+def test_the_device_install_is_torch_and_transformers_and_at_most_250_mib_more(device_venv: Path) -> None:
+    site = next((device_venv / "lib").glob("python3*/site-packages"))
+    sizes = install_size(site)
+    print(f"\ndevice install (MiB): {json.dumps(sizes)}")
+    assert sizes["torch"] > 500 and sizes["transformers"] > 50  # measured, not empty
+    assert sizes["rest"] <= REST_LIMIT_MIB, sizes
+
+
+def test_two_devices_on_the_device_install_complete_a_run(device_venv: Path, tmp_path: Path) -> None:
+    # Arrange: the devices run the device venv's fedlora client (its flower-supernode, its ClientApp processes).
+    files = write_files(tmp_path / "data")
+    outputs = {"out-dir": str(tmp_path / "run"), "store": str(tmp_path / "fedlora.db")}
+    settings = {
+        "model": "tiny-llama", "task": str(files["held-out"]), "server-eval-data": str(files["held-out"]),
+        "node-ranks": "2,4", "num-rounds": 2, "local-steps": 8, "batch-size": 8, "learning-rate": 0.02,
+        "lora-alpha": 8.0, "max-length": 64, "eval-examples": 8, "min-nodes": 2, **outputs,
+    }  # fmt: skip
+    fedlora = str(device_venv / "bin" / "fedlora")
+    # Act
+    with bounded(900), Deployment(tmp_path / "deployment", nodes=len(RANKS)) as dep:
+        devices = []
+        for index, (name, rank) in enumerate(RANKS.items()):
+            dep.register(index)
+            own = ("--name", name, "--model", "tiny-llama", "--data", str(files[name]))
+            args = dep.client_args(index, rank, *own)
+            devices.append(dep.spawn(name, [fedlora, "client", *args]))
+        dep.wait_online(devices, timeout=300)
+        status = dep.wait_run(dep.run_app(PROJECT_DIR, settings), timeout=800)
+        logs = {proc.name: proc.log() for proc in dep.procs}
+    # Assert: completed, and the nodes' work ran in the device install (its warm node logged every message).
+    assert status == "finished:completed", logs
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rows[-1]["global_perplexity"] < rows[0]["global_perplexity"]
+    for name in RANKS:
+        assert logs[name].count("warm node: train") == 2, logs[name][-3000:]
+        assert os.fspath(device_venv) in logs[name], logs[name][-3000:]  # it started the device venv's SuperNode
