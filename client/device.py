@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="fedlora client: %(message)s", stream=sys.stderr)
     try:
         opts = parse_options(argv)
+        if opts.threads is not None:  # before torch is imported here (--rank auto) or in the processes started
+            os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(opts.threads)
         rank, measured = choose_rank(opts)
         flower_bin("flower-supernode")
     except UsageError as err:

@@ -55,6 +55,8 @@ class DeviceOptions:
     """Seconds to keep retrying while the SuperLink is unreachable."""
     runtime_port: int | None
     """Local port of the SuperNode's Runtime API (None: a free one)."""
+    threads: int | None = None
+    """CPU threads for the node's training (``OMP_NUM_THREADS``); None: torch's default, every core."""
     warm: bool = True
     """Keep the model and data in this process across messages (:mod:`client.warm`); ``--cold`` turns it off."""
 
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--state-dir", type=Path, metavar="DIR", help="folder for the node's persistent state")
     add("--connect-timeout", type=float, default=600.0, metavar="S", help="retry an unreachable SuperLink for S s")
     add("--runtime-port", type=int, metavar="P", help="local port of the SuperNode Runtime API (default: a free one)")
+    add("--threads", type=int, metavar="N", help="CPU threads for training (default: every core)")
     add(
         "--cold",
         action="store_true",
@@ -162,6 +165,8 @@ def parse_options(argv: list[str] | None) -> DeviceOptions:
         raise UsageError(f"--connect-timeout must be > 0 seconds, got {args.connect_timeout}")
     if args.runtime_port is not None and not 1 <= args.runtime_port <= 65535:
         raise UsageError(f"--runtime-port must be in 1..65535, got {args.runtime_port}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
     key = check_node_key(args.key)
     return DeviceOptions(
         host=host,
@@ -177,6 +182,7 @@ def parse_options(argv: list[str] | None) -> DeviceOptions:
         state_dir=_state_dir(args.state_dir),
         connect_timeout=args.connect_timeout,
         runtime_port=args.runtime_port,
+        threads=args.threads,
         warm=not args.cold,
     )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -45,6 +46,9 @@ TASKS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 MODES = ("simulated", "warm", "cold")
+THREADS = max(1, (os.cpu_count() or 1) // len(RANKS))
+"""CPU threads per device: this machine's cores shared by the two devices, as Flower's simulation shares them (Ray
+gives each node ``--cpus-per-node`` 1 core and sets ``OMP_NUM_THREADS`` to match)."""
 
 
 def install_size(site_packages: Path) -> dict[str, float]:
@@ -98,6 +102,7 @@ def deployed(settings: dict[str, Any], out: Path, cold: bool) -> float:
         for index, rank in enumerate(ranks):
             args = ["--model", settings["model"], "--data", settings["task"], "--rank", str(rank)]
             args += ["--partition-id", str(index), "--num-partitions", str(len(ranks)), "--name", f"node-{index}"]
+            args += ["--threads", str(THREADS)]
             devices.append([*args, "--cold"] if cold else args)
         federation.start_devices(devices)
         outputs = {"out-dir": str(out / "run"), "store": str(out / "fedlora.db"), "min-nodes": len(ranks)}

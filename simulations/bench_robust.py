@@ -169,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--runs", type=Path, default=Path("runs/robust"))
     parser.add_argument("--results", type=Path, default=Path("docs/results"))
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the cells finished under --runs; run none"
+    )
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     attacks = [a for a in args.attacks.split(",") if a]
@@ -181,6 +184,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     cells = [(m, "none", 0, s) for s in seeds for m in methods]
     cells += [(m, a, c, s) for s in seeds for c in counts for a in attacks for m in methods]
     command = "python -m simulations.bench_robust " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    if args.report_only:
+        saved = sorted((args.runs / args.scale).glob("*/result.json"))
+        finished = [json.loads(path.read_text(encoding="utf-8")) for path in saved]
+        report = write_report(finished, args.results, command, args.scale)
+        print(f"bench_robust: report of {len(finished)} cells in {report}")
+        return
     results = []
     for i, (method, attack, count, seed) in enumerate(cells, 1):
         out = args.runs / args.scale / cell_name(method, attack, count, seed)

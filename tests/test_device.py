@@ -166,6 +166,7 @@ def test_meminfo_available_reads_kib() -> None:
         ({"--key": "/nonexistent/node.key"}, "--key /nonexistent/node.key: file not found"),
         ({"--data": "./missing.jsonl"}, "--data ./missing.jsonl: not found"),
         ({"--model": "no such preset"}, "neither an existing path nor a preset name"),
+        ({"--threads": "0"}, "--threads must be at least 1, got 0"),
     ],
 )
 def test_invalid_inputs_are_refused_naming_the_value(certs: CertPaths, override: dict[str, str], message: str) -> None:
