@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -158,6 +159,16 @@ def plot(results: Sequence[dict[str, Any]], methods: list[str], rows: list[tuple
     plt.close(fig)
 
 
+def _running_elsewhere(out: Path) -> bool:
+    """Whether another live process is running this cell (its pid in ``out/running``): cells can be shared out."""
+    try:
+        pid = int((out / "running").read_text(encoding="utf-8"))
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--scale", default="tiny", choices=("tiny", "full"))
@@ -197,9 +208,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if saved.is_file():
             results.append(json.loads(saved.read_text(encoding="utf-8")))
             continue
+        if _running_elsewhere(out):
+            print(f"bench_robust: [{i}/{len(cells)}] {out.name} is being run by another process; skipped", flush=True)
+            continue
         out.mkdir(parents=True, exist_ok=True)
+        (out / "running").write_text(str(os.getpid()), encoding="utf-8")
         print(f"bench_robust: [{i}/{len(cells)}] {out.name}", flush=True)
         result = run_cell(args.scale, method, attack, count, seed, out)
+        (out / "running").unlink(missing_ok=True)
         print(
             f"bench_robust: {out.name}: accuracy {result['final_accuracy']:.3f} in {result['seconds']:.0f} s",
             flush=True,
