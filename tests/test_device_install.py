@@ -46,10 +46,14 @@ def test_the_device_install_has_the_node_and_none_of_the_lab(device_venv: Path) 
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert wanted.stdout.strip() == "['torch', 'transformers', 'peft', 'flwr']"
     assert lab.stdout.strip() == "[]"
-    # A command that needs an extra says which, in one line, and exits 2.
-    simulate = subprocess.run([str(device_venv / "bin" / "fedlora"), "simulate", "--nodes", "2"],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert simulate.returncode == 2 and "pip install 'fedlora[coordinator]'" in simulate.stderr, simulate.stderr
+    # Work that needs an extra says which, in one line: a node given a share of a packaged task (flwr-datasets).
+    script = (
+        "from client.warm import work\nfrom common.codec import records\nfrom common.updates import Instruction\n"
+        "ins = records.encode_instruction(Instruction(1, 0, 0.0, None))\n"
+        "work('train', ins, {'model': 'tiny', 'task': 'tiny'}, {'partition-id': 0, 'num-partitions': 2})\n"
+    )
+    share = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300)
+    assert share.returncode == 1 and "pip install 'fedlora[tasks]'" in share.stderr.splitlines()[-1], share.stderr
 
 
 def test_the_device_install_is_torch_and_transformers_and_at_most_250_mib_more(device_venv: Path) -> None:

@@ -1,17 +1,22 @@
 """Causal-LM federations through the real runtime: ``fedlora simulate`` of the tiny Llama on Flower's simulation
 engine, two nodes at ranks 2 and 4, the Friends lines with svd and the chatterbot chats with ffa. The exported
-adapter loads with stock peft on ``AutoModelForCausalLM`` and gives the coordinator's final global perplexity."""
+adapter loads with stock peft on ``AutoModelForCausalLM`` and gives the coordinator's final global perplexity; a run
+killed from outside resumes to the same adapter."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sqlite3
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SimulationRun, simulate
+from conftest import SimulationRun, fedlora_command, run_fedlora, settings_flags, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +119,38 @@ def test_differential_privacy_runs_on_a_causal_lm_and_accounts_epsilon(tmp_path:
     assert rows[-1]["epsilon"] is not None and 0 < rows[-1]["epsilon"] < math.inf
     assert math.isfinite(rows[-1]["global_perplexity"])
     assert (run.out_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("llm_run", ["friends"], indirect=True)
+def test_a_causal_run_killed_from_outside_resumes_to_the_adapter_of_an_uninterrupted_run(
+    llm_run: SimulationRun, tmp_path: Path
+) -> None:
+    from test_resume import TAG, assert_same_outcome, kill_everything, tagged, wait_until
+
+    # Arrange: the Friends run of ``llm_run`` again, its whole process group killed once round 1 is checkpointed.
+    tag, run_dir = uuid.uuid4().hex, tmp_path / "run"
+    rule, max_length = CASES["friends"]
+    settings = {**LLM_SETTINGS, "task": "friends", "rule": rule, "max-length": max_length}
+    settings["audit-dir"] = str(tmp_path / "audit")
+    command = fedlora_command(
+        "simulate", "--cpus-per-node", "1", "--nodes", "2", "--out", str(run_dir),
+        "--store", str(tmp_path / "fedlora.db"), *settings_flags(settings),
+    )  # fmt: skip
+    with (tmp_path / "simulate.log").open("wb") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, TAG: tag}
+        )
+    try:
+        checkpoint = run_dir / "checkpoints" / "round-0001.ckpt"
+        wait_until(checkpoint.is_file, proc, timeout=900, what="the round-1 checkpoint")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        kill_everything(proc, tag)
+    # Act
+    done = run_fedlora("resume", str(run_dir), timeout=900, env={TAG: tag})
+    # Assert: it resumed after round 1 and ended with the uninterrupted run's adapter, checkpoints and metrics.
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "resuming from round-0001.ckpt (after round 1)" in done.stdout
+    assert not tagged(tag), "the resumed run left processes behind"
+    assert_same_outcome(run_dir, llm_run)
