@@ -3,6 +3,7 @@ as base + adapter) and ``fedlora generate`` (base and fine-tuned completions, gr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,16 @@ def test_generate_refuses_what_is_not_a_causal_adapter_in_one_line(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fedlora: error: ")
     assert ("classification adapter (SEQ_CLS)" if what == "classifier" else "no adapter_config.json") in last
+
+
+@pytest.mark.parametrize("kind", ["causal", "classifier"])
+def test_export_check_reports_how_far_the_merged_logits_are_from_base_plus_adapter(
+    kind: str, causal_adapter: Path, classifier_adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = causal_adapter if kind == "causal" else classifier_adapter
+    args = ["--merge", str(adapter), "--out", str(tmp_path / "merged"), "--check", "What is a topic?"]
+    assert export_main(args) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    gaps = [float(x) for x in re.findall(r"(\d\.\d\de[-+]\d\d)", line)]
+    assert "differ from base + adapter by at most" in line and len(gaps) == 3, line
+    assert all(0 <= gap < 1e-4 for gap in gaps), line
