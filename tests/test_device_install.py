@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,10 +27,16 @@ REST_LIMIT_MIB = 250
 @pytest.fixture(scope="module")
 def device_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh venv with pinned torch and ``pip install <this repository>`` (no extras)."""
-    venv = tmp_path_factory.mktemp("device") / "venv"
+    folder = tmp_path_factory.mktemp("device")
+    venv, source = folder / "venv", folder / "fedlora"
+    # A copy of the tracked files: pip builds in the source tree, and the checkout should not gain build/ folders.
+    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_DIR / name, source / name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    for what in (["torch==2.13.0"], [str(PROJECT_DIR)]):
+    for what in (["torch==2.13.0"], [str(source)]):
         done = subprocess.run([*pip, *what], capture_output=True, text=True, timeout=1200)
         assert done.returncode == 0, done.stderr[-3000:]
     yield venv
