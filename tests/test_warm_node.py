@@ -50,14 +50,16 @@ def train_message(server_round: int) -> RecordDict:
 
 
 def test_a_warm_node_replies_what_a_fresh_process_computes_to_the_last_bit(warm_node: WarmNode) -> None:
+    import torch
+
     from client.model import LOADS
 
-    before = dict(LOADS)
+    before, threads = dict(LOADS), str(torch.get_num_threads())
     ctx = context({**NODE_CONFIG, **warm_node.node_config()})
     warm = [_to_bytes(handle("train", train_message(r), ctx)) for r in range(1, ROUNDS + 1)]
     cold = [
         subprocess.run(
-            [sys.executable, "-c", COLD_SCRIPT, json.dumps(TINY_SETTINGS), json.dumps(NODE_CONFIG), str(r)],
+            [sys.executable, "-c", COLD_SCRIPT, json.dumps(TINY_SETTINGS), json.dumps(NODE_CONFIG), str(r), threads],
             capture_output=True,
             check=True,
             timeout=300,
