@@ -12,9 +12,11 @@ partition (the highest ranks) send :func:`simulations.attacks.attacked` replies 
 - ``svd-bounded``: ``svd`` with ``norm-bound = "median"`` (Sun et al. 2019);
 - ``rfa`` (geometric median) and ``multikrum`` (f = ``byzantine-nodes`` = the number of attackers, at least 1).
 
-Reported: the exported adapter's accuracy on the run's fixed held-out set after the last round, and the updates the
-validation rejected. Each finished cell is saved under ``--runs`` and not rerun; the report is rewritten after
-every cell, with the machine, the commit and the time.
+Reported: the exported adapter's accuracy on the run's fixed held-out set after the last round (each cell's
+``result.json`` also keeps round 0's and the rounds skipped because no update passed validation). Each finished
+cell is saved under ``--runs`` and not rerun; several processes can share the cells (a live pid in a cell's folder
+marks it taken); the report is rewritten after every cell, with the machine, the commit and the time
+(``--report-only`` rewrites it from the finished cells).
 """
 
 from __future__ import annotations
