@@ -171,7 +171,7 @@ def _running_elsewhere(out: Path) -> bool:
     return pid != os.getpid()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--scale", default="tiny", choices=("tiny", "full"))
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -185,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from the cells finished under --runs; run none"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     attacks = [a for a in args.attacks.split(",") if a]
@@ -203,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = write_report(finished, args.results, command, args.scale)
         print(f"bench_robust: report of {len(finished)} cells in {report}")
         return
+    results = run_cells(cells, args, command)
+    print(f"bench_robust: report in {write_report(results, args.results, command, args.scale)}")
+
+
+def run_cells(cells: Sequence[tuple[str, str, int, int]], args: argparse.Namespace, command: str) -> list[Any]:
+    """Run the cells not finished (nor taken by another process) yet; return the results of the finished ones."""
     results = []
     for i, (method, attack, count, seed) in enumerate(cells, 1):
         out = args.runs / args.scale / cell_name(method, attack, count, seed)
@@ -224,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         results.append(result)
         write_report(results, args.results, command, args.scale)
-    print(f"bench_robust: report in {write_report(results, args.results, command, args.scale)}")
+    return results
 
 
 if __name__ == "__main__":
