@@ -283,12 +283,14 @@ def run_device(opts: DeviceOptions, rank: int, measured: AutoRank | None = None)
     stop, target = StopFlag(), list[subprocess.Popen[str]]()
     deadline = time.monotonic() + opts.connect_timeout
     mark = uuid.uuid4().hex
-    reaper = start_reaper(DEVICE_MARK, mark)  # should this command be killed, its SuperNode goes with it
+    warm = WarmNode() if opts.warm else None
+    # Should this command be killed, its SuperNode goes with it, and the warm node's socket and secret are removed.
+    reaper = start_reaper(DEVICE_MARK, mark, remove=[warm.folder] if warm else [])
     with forwarding_signals(stop, target), contextlib.ExitStack() as cleanup:
         cleanup.callback(stop_reaper, reaper)
-        warm = WarmNode().start() if opts.warm else None
         if warm is not None:
             cleanup.callback(warm.close)
+            warm.start()
             log.info("warm node: the model and data stay loaded across messages (--cold turns this off)")
         while not stop.event.is_set():
             failure = wait_for_superlink(opts, stop, deadline)

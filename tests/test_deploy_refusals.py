@@ -10,6 +10,7 @@ Every test is bounded: each wait has a timeout, and SIGALRM ends a test that ove
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -99,6 +100,13 @@ def test_fedlora_client_retries_an_unreachable_superlink_then_gives_up(dep: Depl
     assert "retrying in" in proc.log()
 
 
+def warm_folder(log: str) -> Path:
+    """The warm node's private folder, from the node-config in the client's ``starting: flower-supernode`` line."""
+    match = re.search(r"warm-socket='([^']+)'", log)
+    assert match, log[-2000:]
+    return Path(match.group(1)).parent
+
+
 def test_fedlora_client_joins_and_stops_cleanly_on_sigterm(dep: Deployment) -> None:
     proc = dep.start_client([*_client_args(dep, 1, dep.certs.ca_cert), "--partition-id", "1", "--num-partitions", "2"])
     assert dep.wait_online([proc]) == {dep.registered[1]}
@@ -110,6 +118,7 @@ def test_fedlora_client_joins_and_stops_cleanly_on_sigterm(dep: Deployment) -> N
     assert "fedlora client: stopped (SIGTERM)" in proc.log()
     wait_until(lambda: not any(running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
     assert dep.online_node_ids() == set()
+    assert not warm_folder(proc.log()).exists()  # the warm node's socket and secret are gone
 
 
 def test_a_sigkilled_fedlora_client_takes_its_supernode_with_it(dep: Deployment) -> None:
@@ -118,6 +127,10 @@ def test_a_sigkilled_fedlora_client_takes_its_supernode_with_it(dep: Deployment)
     proc.remember_descendants()
     assert proc.descendants, "the SuperNode runs in a session of its own, out of reach of a signal to the client"
 
+    folder = warm_folder(proc.log())
+    assert (folder / "secret").is_file()
+
     os.kill(proc.popen.pid, signal.SIGKILL)  # no chance to forward anything: its reaper must act
 
     wait_until(lambda: not any(running(pid) for pid in proc.descendants), 15, "flower-supernode and its children")
+    wait_until(lambda: not folder.exists(), 15, "the warm node's folder (its socket and secret) to be removed")
