@@ -173,28 +173,28 @@ class WarmNode:
             request = connection.recv()
         except (EOFError, OSError):
             return
-        op, started = str(request.get("op", "?")), time.monotonic()
+        op, started, content = str(request.get("op", "?")), time.monotonic(), None
         try:
             if request.get("protocol") != PROTOCOL:
                 raise ValueError(f"warm-node protocol {request.get('protocol')!r}; this fedlora speaks {PROTOCOL}")
-            content = work(op, _from_bytes(request["content"]), request["run_config"], request["node_config"])
-            answer: dict[str, Any] = {"content": _to_bytes(content)}
+            content = _from_bytes(request["content"])
+            answer: dict[str, Any] = {
+                "content": _to_bytes(work(op, content, request["run_config"], request["node_config"]))
+            }
         except Exception as err:  # noqa: BLE001 - handed back to the ClientApp, which raises it for Flower to report
             answer = {"error": _portable(err)}
-        log.info("warm node: %s", _summary(op, request, answer, time.monotonic() - started))
+        log.info("warm node: %s", _summary(op, content, answer, time.monotonic() - started))
         try:
             connection.send(answer)
         except OSError:
             log.warning("warm node: the ClientApp left before its %s reply", op)
 
 
-def _summary(op: str, request: Mapping[str, Any], answer: Mapping[str, Any], seconds: float) -> str:
+def _summary(op: str, content: RecordDict | None, answer: Mapping[str, Any], seconds: float) -> str:
     from client.model import LOADS
 
-    try:
-        where = f" (round {records.server_round_of(_from_bytes(request['content']))})" if op != "query" else ""
-    except Exception:  # noqa: BLE001 - only for the log line
-        where = ""
+    server_round = records.server_round_of(content) if content is not None and op != "query" else None
+    where = f" (round {server_round})" if server_round is not None else ""
     outcome = f"failed: {answer['error']}" if "error" in answer else f"in {seconds:.1f} s"
     return f"{op}{where} {outcome}; model loaded {LOADS['model']}×, data prepared {LOADS['data']}× since start"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -43,25 +44,32 @@ def write_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def test_two_devices_fine_tune_a_causal_lm_on_their_own_instruction_files(tmp_path: Path) -> None:
-    # Arrange
+def run_instruction_federation(
+    tmp_path: Path, local_steps: int, client: Sequence[str] = (sys.executable, "-m", "client.device")
+) -> tuple[str, dict[str, str]]:
+    """Two devices (``client``: the ``fedlora client`` command) on their own instruction files, through a TLS SuperLink
+    with node authentication, 2 rounds; the run's final status and every process's log. Outputs under ``tmp_path``."""
     files = write_files(tmp_path / "data")
     outputs = {"out-dir": str(tmp_path / "run"), "store": str(tmp_path / "fedlora.db")}
     settings = {
         "model": "tiny-llama", "task": str(files["held-out"]), "server-eval-data": str(files["held-out"]),
-        "node-ranks": "2,4", "num-rounds": 2, "local-steps": 12, "batch-size": 8, "learning-rate": 0.02,
+        "node-ranks": "2,4", "num-rounds": 2, "local-steps": local_steps, "batch-size": 8, "learning-rate": 0.02,
         "lora-alpha": 8.0, "max-length": 64, "eval-examples": 8, "min-nodes": 2, **outputs,
     }  # fmt: skip
-    # Act
     with bounded(900), Deployment(tmp_path / "deployment", nodes=len(RANKS)) as dep:
         devices = []
         for index, (name, rank) in enumerate(RANKS.items()):
             dep.register(index)
             own = ("--name", name, "--model", "tiny-llama", "--data", str(files[name]))
-            devices.append(dep.start_client(dep.client_args(index, rank, *own), name))
+            devices.append(dep.spawn(name, [*client, *dep.client_args(index, rank, *own)]))
         dep.wait_online(devices, timeout=300)
         status = dep.wait_run(dep.run_app(PROJECT_DIR, settings), timeout=800)
-        logs = {proc.name: proc.log() for proc in dep.procs}
+        return status, {proc.name: proc.log() for proc in dep.procs}
+
+
+def test_two_devices_fine_tune_a_causal_lm_on_their_own_instruction_files(tmp_path: Path) -> None:
+    # Arrange, act
+    status, logs = run_instruction_federation(tmp_path, local_steps=12)
     # Assert: completed; the coordinator's held-out perplexity and the nodes' own fell; a causal-LM adapter.
     assert status == "finished:completed", logs
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy import Deployment, bounded
-from test_deploy_llm import RANKS, write_files
+from test_deploy_llm import RANKS, run_instruction_federation
 
 from simulations.bench_deploy import install_size
 
@@ -72,26 +71,10 @@ def test_the_device_install_is_torch_and_transformers_and_at_most_250_mib_more(d
 
 
 def test_two_devices_on_the_device_install_complete_a_run(device_venv: Path, tmp_path: Path) -> None:
-    # Arrange: the devices run the device venv's fedlora client (its flower-supernode, its ClientApp processes).
-    files = write_files(tmp_path / "data")
-    outputs = {"out-dir": str(tmp_path / "run"), "store": str(tmp_path / "fedlora.db")}
-    settings = {
-        "model": "tiny-llama", "task": str(files["held-out"]), "server-eval-data": str(files["held-out"]),
-        "node-ranks": "2,4", "num-rounds": 2, "local-steps": 8, "batch-size": 8, "learning-rate": 0.02,
-        "lora-alpha": 8.0, "max-length": 64, "eval-examples": 8, "min-nodes": 2, **outputs,
-    }  # fmt: skip
-    fedlora = str(device_venv / "bin" / "fedlora")
-    # Act
-    with bounded(900), Deployment(tmp_path / "deployment", nodes=len(RANKS)) as dep:
-        devices = []
-        for index, (name, rank) in enumerate(RANKS.items()):
-            dep.register(index)
-            own = ("--name", name, "--model", "tiny-llama", "--data", str(files[name]))
-            args = dep.client_args(index, rank, *own)
-            devices.append(dep.spawn(name, [fedlora, "client", *args]))
-        dep.wait_online(devices, timeout=300)
-        status = dep.wait_run(dep.run_app(PROJECT_DIR, settings), timeout=800)
-        logs = {proc.name: proc.log() for proc in dep.procs}
+    # Arrange, act: the devices run the device venv's fedlora client (its flower-supernode, its ClientApp processes).
+    status, logs = run_instruction_federation(
+        tmp_path, local_steps=8, client=[str(device_venv / "bin" / "fedlora"), "client"]
+    )
     # Assert: completed, and the nodes' work ran in the device install (its warm node logged every message).
     assert status == "finished:completed", logs
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
