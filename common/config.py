@@ -100,6 +100,14 @@ class RunConfig:
 
             if not rule_class(self.rule).supports_central_dp:
                 raise ValueError(central_dp_refusal(self.rule))
+        if (self.training.server_learning_rate, self.training.server_momentum) != (1.0, 0.0):
+            from common.rules.registry import rule_class  # imports torch, as below
+
+            if not rule_class(self.rule).stores_product:
+                raise ValueError(
+                    f"server-learning-rate and server-momentum need a rule whose global is a product B·A; rule "
+                    f"{self.rule!r} averages the factors themselves (use svd, raflora, rfa or multikrum)"
+                )
         if self.secagg.enabled:
             from common.rules.registry import rule_class  # imports torch; only needed with secure aggregation
 

@@ -110,6 +110,11 @@ class TrainingSection:
     gradient_checkpointing: bool = False
     """Causal LMs: recompute each layer's activations in the backward pass instead of keeping them (transformers'
     gradient checkpointing, non-reentrant): less memory on a small device, about a third more compute."""
+    server_learning_rate: float = 1.0
+    """η of the coordinator's step on each round's aggregate, G_t = G_{t−1} + η·m_t (:mod:`server.server_optimizer`;
+    1 with ``server-momentum = 0`` stores the rule's aggregate as it is)."""
+    server_momentum: float = 0.0
+    """β of FedAvgM's server momentum, m_t = β·m_{t−1} + (ΔW̄_t − G_{t−1}), in [0, 1)."""
 
     def __post_init__(self) -> None:
         _one_of("schedule", self.schedule, SCHEDULES)
@@ -118,6 +123,10 @@ class TrainingSection:
         _positive(self, "learning_rate", "baseline_learning_rate", "head_lr_ratio")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 < self.server_learning_rate <= 10.0:
+            raise ValueError(f"server-learning-rate must be in (0, 10], got {self.server_learning_rate}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"server-momentum must be in [0, 1), got {self.server_momentum}")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from common.rules.central_dp import CentralDP
 from common.rules.registry import rule_for
 from common.updates import AdapterFactors, TrainReply
 from server.norm_bound import bounded_replies
+from server.server_optimizer import VELOCITY_PREFIX, ServerOptimizer
 
 
 @dataclass
@@ -55,6 +56,8 @@ class GlobalAdapter:
     norm_bound: tuple[str, float] = ("off", 1.0)
     """``norm-bound`` and ``norm-bound-value``: each node's change is bounded before aggregation
     (:func:`server.norm_bound.bounded_replies`)."""
+    optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    """``server-learning-rate`` and ``server-momentum`` on each round's aggregate (:mod:`server.server_optimizer`)."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> GlobalAdapter:
@@ -62,7 +65,8 @@ class GlobalAdapter:
         rule = rule_for(cfg)
         central_dp = CentralDP.from_config(cfg) if cfg.privacy.dp == "central" else None
         bound = (cfg.robustness.norm_bound, cfg.robustness.norm_bound_value)
-        return cls(rule, cfg.lora.max_rank, central_dp=central_dp, norm_bound=bound)
+        optimizer = ServerOptimizer(cfg.training.server_learning_rate, cfg.training.server_momentum)
+        return cls(rule, cfg.lora.max_rank, central_dp=central_dp, norm_bound=bound, optimizer=optimizer)
 
     @property
     def empty(self) -> bool:
@@ -109,7 +113,7 @@ class GlobalAdapter:
         released = aggregator.aggregate_adapter(self.adapter, replies, self.store_rank, weights=weights, **sampling)
         notes += list(self.rule.notes)
         if released is not None:
-            self._commit(released)
+            released = self._commit(released)
         seconds = time.perf_counter() - started
         if self.central_dp is not None:
             note = "" if released is not None else self.central_dp.last_refusal
@@ -136,12 +140,19 @@ class GlobalAdapter:
             stored[module] = (to_float32(a), to_float32(b))
         self._commit(AdapterFactors(stored, {k: np.asarray(v, dtype=np.float32) for k, v in head.items()}))
 
-    def _commit(self, adapter: AdapterFactors) -> None:
-        """Replace the global adapter, refusing non-finite values (the previous one is kept)."""
-        arrays = [x for pair in adapter.lora.values() for x in pair] + list(adapter.head.values())
-        if not all(np.isfinite(x).all() for x in arrays):
-            raise FloatingPointError("the aggregate has non-finite entries; the global adapter is kept")
-        self.lora, self.head = adapter.lora, adapter.head
+    def _commit(self, aggregate: AdapterFactors) -> AdapterFactors:
+        """Store the server optimizer's step on ``aggregate`` (the aggregate itself by default) and return it,
+        refusing non-finite values (the previous global adapter and momentum are then kept)."""
+        _check_finite(aggregate)
+        saved = dict(self.optimizer.velocity), dict(self.optimizer.head_velocity)
+        try:
+            stored = self.optimizer.step(self.adapter, aggregate, self.store_rank)
+            _check_finite(stored)
+        except (FloatingPointError, ValueError):
+            self.optimizer.velocity, self.optimizer.head_velocity = saved
+            raise
+        self.lora, self.head = stored.lora, stored.head
+        return stored
 
     def export(self, rank: int, lora_alpha: float, use_rslora: bool) -> AdapterFactors | None:
         """The global adapter at ``rank`` with peft's scaling for that rank (what a PEFT folder stores)."""
@@ -164,10 +175,18 @@ class GlobalAdapter:
             self.central_dp.load_state(saved)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat arrays for a checkpoint."""
-        return AdapterFactors(self.lora, self.head).to_state_dict()
+        """Flat arrays for a checkpoint (with the server optimizer's momentum, if any)."""
+        return AdapterFactors(self.lora, self.head).to_state_dict() | self.optimizer.to_arrays()
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore from ``to_arrays``."""
-        adapter = AdapterFactors.from_state_dict(arrays)
+        self.optimizer.load_arrays(arrays)
+        adapter = AdapterFactors.from_state_dict({k: v for k, v in arrays.items() if not k.startswith(VELOCITY_PREFIX)})
         self.lora, self.head = adapter.lora, adapter.head
+
+
+def _check_finite(adapter: AdapterFactors) -> None:
+    """Raise ``FloatingPointError`` if any array of ``adapter`` has a NaN or an infinity."""
+    arrays = [x for pair in adapter.lora.values() for x in pair] + list(adapter.head.values())
+    if not all(np.isfinite(x).all() for x in arrays):
+        raise FloatingPointError("the aggregate has non-finite entries; the global adapter is kept")

@@ -62,7 +62,7 @@ WRONG_VALUES: dict[str, object] = {
     "secagg-clipping-range": 0.0, "secagg-quantization-range": 1, "secagg-modulus-range": 3000,
     "secagg-max-weight": 0.0, "keep-checkpoints": "three", "global-eval-examples": -1, "weighting": "trust",
     "weight-cap": 0.5, "norm-bound": "mean", "norm-bound-value": 0.0, "byzantine-nodes": -1,
-    "collapse-warning-share": 1.0,
+    "collapse-warning-share": 1.0, "server-learning-rate": 0.0, "server-momentum": 1.0,
 }  # fmt: skip
 """A wrong value for every key whose values can be wrong by themselves (names and paths are checked where used)."""
 

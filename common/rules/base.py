@@ -120,6 +120,9 @@ class Rule(ABC):
     """Nodes keep lora_A at the shared seeded init and train lora_B only."""
     supports_central_dp: ClassVar[bool] = True
     """:class:`common.rules.central_dp.CentralDP` can wrap the rule (its hooks release a uniform mean of changes)."""
+    stores_product: ClassVar[bool] = True
+    """The stored global means its product B·A only, whatever the factorisation, so the coordinator may re-factorise
+    it (a server optimizer, :mod:`server.server_optimizer`); False for rules that average the factors themselves."""
 
     @classmethod
     def from_config(cls, cfg: RuleSettings) -> Rule:

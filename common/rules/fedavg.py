@@ -71,6 +71,7 @@ class FedAvg(Rule):
     name: ClassVar[str] = "fedavg"
     linear: ClassVar[bool] = True
     secure_parts: ClassVar[tuple[str, ...]] = ("A", "s·B")
+    stores_product: ClassVar[bool] = False
 
     def aggregate(
         self, clients: Sequence[ClientFactors], weights: Sequence[float], targets: Sequence[TargetSpec]

@@ -60,6 +60,7 @@ class FFA(Rule):
     linear: ClassVar[bool] = True
     secure_parts: ClassVar[tuple[str, ...]] = ("A", "rows", "s·B")
     freezes_lora_A: ClassVar[bool] = True
+    stores_product: ClassVar[bool] = False
 
     def aggregate(
         self, clients: Sequence[ClientFactors], weights: Sequence[float], targets: Sequence[TargetSpec]
