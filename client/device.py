@@ -110,9 +110,13 @@ def supernode_command(
     measured: AutoRank | None = None,
     warm: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Return the ``flower-supernode`` command line for this device (``warm``: the warm node's node-config)."""
+    """Return the ``flower-supernode`` command line for this device (``warm``: the warm node's node-config).
+
+    With a ``--prompt-window``, Flower's SuperNode runs through :mod:`client.supernode_poll`."""
+    window = opts.prompt_window
+    prompt = [sys.executable, "-m", "client.supernode_poll", "--prompt-window", f"{window:g}", "--"]
     return [
-        flower_bin("flower-supernode"),
+        *(prompt if window > 0 else [flower_bin("flower-supernode")]),
         "--superlink",
         opts.superlink,
         "--root-certificates",

@@ -3,7 +3,8 @@
 Flower 1.42's deployed Grid pulls replies in ``send_and_receive`` with a fixed 3-second sleep between pulls, so every
 message's round trip is rounded up to a multiple of 3 s, on top of the SuperNode's own 3-second idle poll: a message
 that a node answers in 3.1 s costs the round 6 s. :class:`PromptGrid` pulls after 0.2 s, then at intervals growing by
-half up to 1 s: at most one pull a second for a long round, and a reply is picked up within a second of its arrival.
+half up to 0.5 s: at most two pulls a second (one call for all the round's messages, to a SuperLink on the
+coordinator), and a reply is picked up within half a second of its arrival.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 FIRST_PULL_S = 0.2
-MAX_PULL_INTERVAL_S = 1.0
+MAX_PULL_INTERVAL_S = 0.5
 
 
 class DelegatingGrid(Grid):

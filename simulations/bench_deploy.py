@@ -2,9 +2,11 @@
 
 ``python -m simulations.bench_deploy`` runs each task three ways on this machine: simulated (``fedlora simulate``,
 2 nodes), deployed with warm nodes (a TLS SuperLink with node authentication and two ``fedlora client`` processes on
-127.0.0.1, :mod:`simulations.local_deploy`), and deployed cold (``fedlora client --cold``: a fresh ClientApp process
-per message that loads the model and data again, Flower's default). A round's time is the coordinator's
-``round_seconds`` (metrics.json), averaged over rounds 1.. (round 0 also pays each side's start-up). Tasks:
+127.0.0.1, :mod:`simulations.local_deploy`; they take the next message within 0.2 s of a reply,
+:mod:`client.supernode_poll`), and deployed cold (``fedlora client --cold --prompt-window 0``: Flower's default, a
+fresh ClientApp process per message that loads the model and data again, and a SuperNode that polls every 3 s).
+A round's time is the coordinator's ``round_seconds`` (metrics.json), averaged over rounds 1.. (round 0 also pays
+each side's start-up). Tasks:
 
 - ``tiny``: the tiny model on the synthetic 4-topic task, ranks 2 and 8 (what ``tests/test_deploy_run.py`` runs);
 - ``minilm``: the default task's node recipe (MiniLM-L6 on 20 Newsgroups, 10 local steps of 16 posts at 64 tokens,
@@ -13,7 +15,7 @@ per message that loads the model and data again, Flower's default). A round's ti
 
 It writes ``bench-deploy.json`` under ``--out`` and prints, last, ``ratio_minilm=X overhead_tiny_s=Y``: X the warm
 deployed/simulated time per round on MiniLM, Y the warm deployed round's extra seconds over the simulated one on the
-tiny task. The floor of Y is Flower 1.42's fixed 3-second idle poll of a SuperNode, once per message.
+tiny task.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def deployed(settings: dict[str, Any], out: Path, cold: bool) -> float:
             args = ["--model", settings["model"], "--data", settings["task"], "--rank", str(rank)]
             args += ["--partition-id", str(index), "--num-partitions", str(len(ranks)), "--name", f"node-{index}"]
             args += ["--threads", str(THREADS)]
-            devices.append([*args, "--cold"] if cold else args)
+            devices.append([*args, "--cold", "--prompt-window", "0"] if cold else args)
         federation.start_devices(devices)
         outputs = {"out-dir": str(out / "run"), "store": str(out / "fedlora.db"), "min-nodes": len(ranks)}
         status = federation.run(PROJECT_DIR, {**settings, **outputs}, timeout=3600)

@@ -167,6 +167,8 @@ def test_meminfo_available_reads_kib() -> None:
         ({"--data": "./missing.jsonl"}, "--data ./missing.jsonl: not found"),
         ({"--model": "no such preset"}, "neither an existing path nor a preset name"),
         ({"--threads": "0"}, "--threads must be at least 1, got 0"),
+        ({"--prompt-window": "-1"}, "--prompt-window must be a number of seconds >= 0, got -1.0"),
+        ({"--prompt-window": "nan"}, "--prompt-window must be a number of seconds >= 0, got nan"),
     ],
 )
 def test_invalid_inputs_are_refused_naming_the_value(certs: CertPaths, override: dict[str, str], message: str) -> None:
@@ -228,11 +230,13 @@ def test_node_config_refuses_strings_flower_cannot_carry() -> None:
 
 
 def test_supernode_command_has_tls_auth_port_and_node_config(certs: CertPaths) -> None:
-    opts = parse_options(_args(certs, **{"--superlink": "[::1]:9092"}))
+    opts = parse_options(_args(certs, **{"--superlink": "[::1]:9092", "--prompt-window": "0"}))
 
     command = supernode_command(opts, rank=4, runtime_port=9999)
+    prompt = supernode_command(parse_options(_args(certs, **{"--superlink": "[::1]:9092"})), 4, 9999)
 
-    assert command[0].endswith("flower-supernode")
+    assert command[0].endswith("flower-supernode")  # --prompt-window 0: Flower's SuperNode as it is
+    assert prompt == [sys.executable, "-m", "client.supernode_poll", "--prompt-window", "10", "--", *command[1:]]
     flags = dict(zip(command[1::2], command[2::2], strict=True))
     assert flags["--superlink"] == "[::1]:9092"
     assert flags["--root-certificates"] == str(certs.ca_cert)

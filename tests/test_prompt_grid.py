@@ -30,13 +30,13 @@ class SlowNodes:
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
 
 
-def test_replies_are_collected_within_a_second_of_arriving() -> None:
+def test_replies_are_collected_within_half_a_second_of_arriving() -> None:
     nodes = SlowNodes([0.3, 2.2])
     started = time.time()
     replies = list(PromptGrid(nodes).send_and_receive([object(), object()], timeout=30))  # type: ignore[arg-type]
     elapsed = time.time() - started
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1"]
-    assert 2.2 <= elapsed < 3.3  # Flower's Grid would return at 3 s at the earliest (its first sleep), here ≤ 2.2 + 1
+    assert 2.2 <= elapsed < 2.9  # Flower's Grid would return at 3 s at the earliest (its first sleep), here ≤ 2.2 + 0.5
     assert nodes.pulls <= 10
 
 
