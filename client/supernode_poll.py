@@ -6,14 +6,12 @@ of a round (the evaluation right after training, the next round's training right
 ready at that immediate pull, since the coordinator is still collecting the other nodes' replies, so it waits out the
 3-s sleep on every node and every message.
 
-This runs Flower's own ``flower-supernode`` entry point in this process with two waits and one command changed:
+This runs Flower's own ``flower-supernode`` entry point in this process with two waits changed:
 
 - for ``--prompt-window`` seconds after each reply, the 3-s idle sleep becomes 0.2 s, so the next message is taken
   within 0.2 s of being sent; outside that window the node polls every 3 s, as Flower does, so an idle fleet puts no
   more load on the SuperLink than before;
-- the 0.5-s checks for a reply in the node's own store become 0.05 s (local, no network);
-- the SuperExec it starts is :mod:`client.superexec` (Flower's, with each ClientApp process started ahead) instead
-  of ``flower-superexec``.
+- the 0.5-s checks for a reply in the node's own store become 0.05 s (local, no network).
 
 Nothing else changes: the same SuperNode code, connection, authentication, and a fresh ClientApp process for every
 message. If the installed flwr no longer has the loop this patches, :func:`install` says so and the SuperNode runs
@@ -23,7 +21,6 @@ unchanged.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,28 +57,13 @@ class PromptClock:
         time.sleep(seconds)
 
 
-class SuperExecLauncher:
-    """Stands in for the ``subprocess`` module there: ``Popen(["flower-superexec", …])`` starts
-    :mod:`client.superexec` with the same arguments; everything else is the real module."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
-
-    def Popen(self, command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802
-        """``subprocess.Popen``, with the SuperExec's command replaced."""
-        if command[:1] == ["flower-superexec"]:
-            command = [sys.executable, "-m", "client.superexec", *command[1:]]
-        return subprocess.Popen(command, *args, **kwargs)
-
-
 def install(window_s: float) -> str:
     """Patch flwr's SuperNode loop in this process; return "" on success, else why it was left as it is."""
     import flwr
     from flwr.supernode import start_client_internal as loop
 
     push: Callable[..., Any] | None = getattr(loop, "_push_messages", None)
-    ours = getattr(loop, "time", None) is time and getattr(loop, "subprocess", None) is subprocess
-    if not ours or push is None or not flwr.__version__.startswith("1.42."):
+    if getattr(loop, "time", None) is not time or push is None or not flwr.__version__.startswith("1.42."):
         return f"flwr {flwr.__version__}'s SuperNode loop is not the one --prompt-window knows (flwr 1.42)"
     clock = PromptClock(window_s)
 
@@ -93,7 +75,6 @@ def install(window_s: float) -> str:
 
     loop._push_messages = pushed
     loop.time = clock  # type: ignore[assignment]  # a stand-in for the module: every attribute but sleep is time's
-    loop.subprocess = SuperExecLauncher()  # type: ignore[assignment]
     return ""
 
 

@@ -95,21 +95,17 @@ def write_report(results: Sequence[dict[str, Any]], folder: Path, command: str, 
     """``robustness.md`` (a table: attack × attackers, one column per method) and ``robustness.png``."""
     folder.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-    rows = sorted({(r["attack"], r["attackers"]) for r in results}, key=lambda k: (k[1] > 0, k[0], k[1]))
-    table = ["| attack | attackers | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
-    for attack, count in rows:
-        cells = []
-        for m in methods:
-            values = [
-                r["final_accuracy"] for r in results if (r["method"], r["attack"], r["attackers"]) == (m, attack, count)
-            ]
-            cells.append(
-                f"{statistics.fmean(values):.3f}" + (f" (n={len(values)})" if len(values) > 1 else "")
-                if values
-                else "—"
-            )
-        table.append(f"| {attack} | {count} | " + " | ".join(cells) + " |")
+    rows = sorted({(r["attack"], r["attackers"], r["seed"]) for r in results}, key=lambda k: (k[1] > 0, *k))
+    table = ["| attack | attackers | seed | " + " | ".join(methods) + " |", "|---|---:|---:|" + "---:|" * len(methods)]
+    for attack, count, seed in rows:
+        cells = [_accuracy(results, m, attack, count, [seed]) for m in methods]
+        table.append(f"| {attack} | {count} | {seed} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in results if r["attackers"] == 0})
+    if len(seeds) > 1:
+        cells = [_accuracy(results, m, "none", 0, seeds) for m in methods]
+        table.append(f"| none, mean | 0 | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     total = sum(float(r["seconds"]) for r in results)
+    first = min(r["seed"] for r in results)
     lines = [
         "# Robustness: hostile nodes against each rule",
         "",
@@ -126,13 +122,33 @@ def write_report(results: Sequence[dict[str, Any]], folder: Path, command: str, 
         "",
         *table,
         "",
-        "![robustness](robustness.png)",
+        f"![robustness](robustness.png) (seed {first})",
         "",
     ]
     path = folder / "robustness.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    plot(results, methods, rows, folder / "robustness.png")
+    shown = [r for r in results if r["seed"] == first]  # the plot: one seed, the one every cell has
+    plot(
+        shown,
+        methods,
+        sorted({(a, c) for a, c, seed in rows if seed == first}, key=lambda k: (k[1] > 0, *k)),
+        folder / "robustness.png",
+    )
     return path
+
+
+def _accuracy(results: Sequence[dict[str, Any]], method: str, attack: str, count: int, seeds: Sequence[int]) -> str:
+    """The table cell of ``method`` under ``attack`` × ``count`` over ``seeds``: a mean (± std and n when > 1)."""
+    values = [
+        r["final_accuracy"]
+        for r in results
+        if (r["method"], r["attack"], r["attackers"]) == (method, attack, count) and r["seed"] in seeds
+    ]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
 
 
 def plot(results: Sequence[dict[str, Any]], methods: list[str], rows: list[tuple[str, int]], path: Path) -> None:
