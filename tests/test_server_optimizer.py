@@ -3,11 +3,15 @@ dense float64 reference, off by default, kept in checkpoints, refused where the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import simulate
 from test_keep_residual import MODULES, reply
 
 from common.config import RunConfig
+from server.checkpoint import checkpoint_path, load_checkpoint
 from server.global_adapter import GlobalAdapter
 from server.server_optimizer import VELOCITY_PREFIX
 
@@ -99,3 +103,13 @@ def test_a_rule_that_averages_factors_refuses_a_server_optimizer_saying_why(rule
     with pytest.raises(ValueError, match=f"rule '{rule}' averages the factors themselves"):
         RunConfig.from_mapping({"rule": rule, "server-momentum": 0.9})
     RunConfig.from_mapping({"rule": rule})  # the defaults are fine
+
+
+def test_a_flower_run_with_server_momentum_checkpoints_the_momentum(tmp_path: Path) -> None:
+    """Through the real ServerApp: the run completes, its config keeps the keys, and each checkpoint holds m."""
+    run = simulate(tmp_path, nodes=2, **{"node-ranks": "2,4", "server-momentum": 0.5, "server-learning-rate": 1.5})
+    assert run.returncode == 0, run.output[-3000:]
+    assert (run.config()["server-momentum"], run.config()["server-learning-rate"]) == (0.5, 1.5)
+    checkpoint = load_checkpoint(checkpoint_path(run.out_dir / "checkpoints", 2))
+    velocity = {k for k in checkpoint.arrays if k.startswith(VELOCITY_PREFIX)}
+    assert velocity and {k[len(VELOCITY_PREFIX) :] for k in velocity} <= set(checkpoint.arrays)
