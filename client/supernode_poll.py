@@ -6,12 +6,14 @@ of a round (the evaluation right after training, the next round's training right
 ready at that immediate pull, since the coordinator is still collecting the other nodes' replies, so it waits out the
 3-s sleep on every node and every message.
 
-This runs Flower's own ``flower-supernode`` entry point in this process with two waits changed:
+This runs Flower's own ``flower-supernode`` entry point in this process with three waits changed:
 
 - for ``--prompt-window`` seconds after each reply, the 3-s idle sleep becomes 0.2 s, so the next message is taken
   within 0.2 s of being sent; outside that window the node polls every 3 s, as Flower does, so an idle fleet puts no
   more load on the SuperLink than before;
-- the 0.5-s checks for a reply in the node's own store become 0.05 s (local, no network).
+- the 0.5-s checks for a reply in the node's own store become 0.05 s (local, no network);
+- a message object that has not reached the SuperLink yet is asked for again after 0.05 s instead of 1 s
+  (:mod:`common.codec.object_pulls`).
 
 Nothing else changes: the same SuperNode code, connection, authentication, and a fresh ClientApp process for every
 message. If the installed flwr no longer has the loop this patches, :func:`install` says so and the SuperNode runs
@@ -25,6 +27,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from common.codec.object_pulls import shorten_object_pull_backoff
 
 IDLE_SLEEP_S = 3.0
 """The SuperNode's idle sleep in flwr 1.42 (``time.sleep(3)`` after a pull that found nothing)."""
@@ -65,6 +69,9 @@ def install(window_s: float) -> str:
     push: Callable[..., Any] | None = getattr(loop, "_push_messages", None)
     if getattr(loop, "time", None) is not time or push is None or not flwr.__version__.startswith("1.42."):
         return f"flwr {flwr.__version__}'s SuperNode loop is not the one --prompt-window knows (flwr 1.42)"
+    why_not = shorten_object_pull_backoff()
+    if why_not:
+        return why_not
     clock = PromptClock(window_s)
 
     def pushed(*args: Any, **kwargs: Any) -> Any:

@@ -4,11 +4,13 @@ Flower 1.42's deployed Grid pulls replies in ``send_and_receive`` with a fixed 3
 message's round trip is rounded up to a multiple of 3 s, on top of the SuperNode's own 3-second idle poll: a message
 that a node answers in 3.1 s costs the round 6 s. :class:`PromptGrid` pulls after 0.2 s, then at intervals growing by
 half up to 0.5 s: at most two pulls a second (one call for all the round's messages, to a SuperLink on the
-coordinator), and a reply is picked up within half a second of its arrival.
+coordinator), and a reply is picked up within half a second of its arrival. A reply whose arrays are still being
+pushed is asked for again after 0.05 s, not Flower's 1 s (:mod:`common.codec.object_pulls`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -16,6 +18,10 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from common.codec.object_pulls import shorten_object_pull_backoff
+
+log = logging.getLogger(__name__)
 
 FIRST_PULL_S = 0.2
 MAX_PULL_INTERVAL_S = 0.5
@@ -62,6 +68,12 @@ class DelegatingGrid(Grid):
 class PromptGrid(DelegatingGrid):
     """``send_and_receive`` with Flower's semantics (push, pull until every reply is in or ``timeout`` passed;
     ``None`` waits for ever) and short pull intervals (module doc)."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        why_not = shorten_object_pull_backoff()
+        if why_not:
+            log.warning("replies' arrays are pulled on Flower's 1-s backoff: %s", why_not)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; return the replies that arrived within ``timeout`` seconds."""

@@ -10,10 +10,34 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from client.supernode_poll import IDLE_SLEEP_S, PROMPT_POLL_S, REPLY_CHECK_S, PromptClock
+
+
+def test_every_flower_caller_of_pull_objects_takes_the_backoff_the_patch_shortens() -> None:
+    import flwr
+
+    root = Path(flwr.__file__).parent
+    sources = [p.read_text(encoding="utf-8") for p in root.rglob("*.py")]
+    for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
+        calls = [c for s in sources for c in re.findall(rf"[^f] {name}\((.*?)\n\s*\)", s, re.S)]
+        # the one call that passes it on is pull_and_inflate_object_from_tree's own (its default, patched too)
+        passing = [c for c in calls if "initial_backoff" in c]
+        assert calls and passing in ([], [c for c in calls if "initial_backoff=initial_backoff" in c]), calls
+        assert len(passing) <= 1
+    code = (
+        "from common.codec.object_pulls import shorten_object_pull_backoff as s\n"
+        "from flwr.supercore.inflatable.inflatable_utils import pull_objects as p\n"
+        "assert p.__kwdefaults__['initial_backoff'] == 1\n"
+        "from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree as t\n"
+        "assert s() == '' and p.__kwdefaults__['initial_backoff'] == t.__kwdefaults__['initial_backoff'] == 0.05\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_flwr_s_supernode_loop_still_has_the_waits_the_patch_shortens() -> None:
