@@ -70,13 +70,15 @@ def commit() -> str:
     return f"{head} + uncommitted changes to {len(changed)} tracked files ({shown})"
 
 
-def mean_std(values: Sequence[float]) -> str:
-    """``0.812 ± 0.010`` (sample std over seeds); ``0.812 (n=1)`` for one value; ``—`` for none."""
+def mean_std(values: Sequence[float], seeds: int = 0) -> str:
+    """``0.812 ± 0.010`` (sample std over seeds); ``0.812 (n=1)`` for one value, ``… (n=2)`` for fewer values than
+    the ``seeds`` of the table; ``—`` for none."""
     if not values:
         return "—"
     if len(values) == 1:
         return f"{values[0]:.3f} (n=1)"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    fewer = f" (n={len(values)})" if len(values) < seeds else ""
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}{fewer}"
 
 
 def group(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
@@ -91,6 +93,7 @@ def accuracy_table(results: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown rows: one per (ranks, data), one column per method; the best federated mean in bold."""
     groups = group(results)
     methods = [m for m in METHOD_LABELS if any(key[2] == m for key in groups)]
+    seeds = len({r["seed"] for r in results})
     lines = [
         "| ranks | data | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
         "|---|---|" + "---:|" * len(methods),
@@ -103,7 +106,8 @@ def accuracy_table(results: Sequence[dict[str, Any]]) -> list[str]:
             means = {m: statistics.fmean(v) for m, v in finals.items() if v and m in FEDERATED}
             top = max(means.values(), default=None)
             best = {m for m, v in means.items() if top is not None and v >= top - 1e-12}
-            cells = [f"**{mean_std(finals[m])}**" if m in best else mean_std(finals[m]) for m in methods]
+            cells = [mean_std(finals[m], seeds) for m in methods]
+            cells = [f"**{cell}**" if m in best else cell for m, cell in zip(methods, cells, strict=True)]
             lines.append(f"| {RANK_LABELS[ranks]} | {DATA_LABELS[data]} | " + " | ".join(cells) + " |")
     return lines
 
