@@ -119,6 +119,7 @@ def summarise_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What the report needs from a cell's rows (accuracy per round, final accuracy, and traffic/time if present)."""
     keep: tuple[str, ...] = ("round", "global_accuracy", "global_loss", "eval_accuracy", "eval_loss")
     keep += ("bytes_up_per_node", "aggregation_seconds", "round_seconds", "global_eval_seconds", "mean_min_rank_energy")
+    keep += ("epsilon",)
     final = rows[-1] if rows else {}
     return {
         "rows": [{k: r[k] for k in keep if k in r} for r in rows],

@@ -147,9 +147,16 @@ def run_inprocess(overlay: dict[str, Any], cell_dir: Path, echo: Callable[[str],
             "bytes_up_per_node": int(statistics.fmean(r.bytes_up_per_node)) if r.bytes_up_per_node else 0,
             "aggregation_seconds": round(r.aggregation_seconds, 6),
             "round_seconds": round(r.seconds, 3),
+            **_largest_epsilon(r.train_metrics),
         }
         for r in results
     ]
+
+
+def _largest_epsilon(train_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """``{"epsilon": ε}``, the largest cumulative ε a node reported in the round (local DP), or nothing."""
+    spent = [float(m["epsilon"]) for m in train_metrics if "epsilon" in m]
+    return {"epsilon": max(spent)} if spent else {}
 
 
 def run_centralized_cell(overlay: dict[str, Any], cell_dir: Path) -> list[dict[str, Any]]:
