@@ -21,6 +21,7 @@ from common.rules.robust import (
     MultiKrum,
     krum_selection,
     squared_distances,
+    weiszfeld_weights,
 )
 from common.rules.svd import SVD
 from common.updates import AdapterFactors, NodeInfo, TrainReply
@@ -104,7 +105,8 @@ def test_rfa_is_the_dense_geometric_median_of_the_changes(rnd: tuple) -> None:
     served = [adapter.serve(r, 2.0 / r) for r in ranks]
     replies = [reply(rng, r, s, z, f"n{i}") for i, (r, s, z) in enumerate(zip(ranks, served, sizes, strict=True))]
     points = dense_changes(adapter, replies)
-    p = np.array([float(r.num_examples) for r in replies])
+    counts = np.array([float(r.num_examples) for r in replies])
+    p = np.minimum(counts, np.median(counts))  # no node's say above the median node's
     spread = math.sqrt(float(squared_distances(points @ points.T).max()))
     assume(spread > 1e-6 * np.abs(points).max())
     median, _ = dense_weiszfeld(points, p, 1e-6 * spread)
@@ -215,6 +217,18 @@ def test_an_inflated_count_is_capped_at_the_median_multiple_and_at_the_first_cou
     assert weights[1] == 100.0 and "its first count" in notes[0]
     assert aggregation_weights({1: 5, 2: 7}, "uniform", 3.0, {})[0] == {1: 1.0, 2: 1.0}
     assert aggregation_weights({1: 5, 2: 7}, "examples", 3.0, {})[0] == {1: 5.0, 2: 7.0}
+
+
+def test_rfa_gives_no_node_more_say_than_the_median_node_whatever_its_weight() -> None:
+    """Eight changes spread as a non-IID round's are (orthogonal, the same norm), one of them claiming 3 median
+    shares (the most examples-capped lets through): trusted, that weight pulls 41 % of the median to the claimant;
+    capped at the median weight, it weighs as every other node."""
+    points = np.eye(8)
+    gram, p = points @ points.T, np.array([1.0] * 7 + [3.0])
+    trusting, _ = weiszfeld_weights(gram, p)
+    capped = RFA().robust_weights(gram, p, [f"n{i}" for i in range(8)])
+    assert trusting[7] > 0.4
+    np.testing.assert_allclose(capped, np.full(8, 1 / 8), atol=1e-6)
 
 
 def test_robust_rules_refuse_central_dp_and_secure_aggregation() -> None:

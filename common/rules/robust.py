@@ -167,11 +167,17 @@ class RFA(_Reweighted):
     docstring) and the result is svd's aggregate with weights β: G + Σ β_i Δ_i at ``store_rank``. Up to half the
     weight can be hostile (breakdown point 1/2). Cost: the Gram matrix, O((out + in)·(2R)²) per module, then
     O(n²) per iteration; then svd's aggregate.
+
+    The weights p_i enter capped at the round's median weight, p_i ← min(p_i, median_j p_j): a node's say in the
+    median is never more than the median node's, whatever count it claims. With ``examples-capped`` alone, one node
+    claiming 10⁷ examples still held 3 median shares (30 % of 8 nodes' weight) and pulled the median to its own
+    update (default task, seed 0: 0.647 against 0.729 without the attack).
     """
 
     name: ClassVar[str] = "rfa"
 
     def robust_weights(self, gram: np.ndarray, p: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        p = np.minimum(p, np.median(p))
         beta, steps = weiszfeld_weights(gram, p)
         share = np.divide(beta, p / p.sum(), out=np.ones_like(beta), where=p > 0)
         low = [f"{name} ×{s:.2f}" for name, s in zip(names, share, strict=True) if s < 0.5]
