@@ -17,6 +17,12 @@ import pytest
 from client.supernode_poll import IDLE_SLEEP_S, PROMPT_POLL_S, REPLY_CHECK_S, PromptClock
 
 
+def in_fresh_process(code: str) -> None:
+    """Run ``code`` in a new interpreter (the patches change Flower's module state) and check it printed ok."""
+    done = subprocess.run([sys.executable, "-c", code + "print('ok')\n"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_every_flower_caller_of_pull_objects_takes_the_backoff_the_patch_shortens() -> None:
     import flwr
 
@@ -34,10 +40,8 @@ def test_every_flower_caller_of_pull_objects_takes_the_backoff_the_patch_shorten
         "assert p.__kwdefaults__['initial_backoff'] == 1\n"
         "from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree as t\n"
         "assert s() == '' and p.__kwdefaults__['initial_backoff'] == t.__kwdefaults__['initial_backoff'] == 0.05\n"
-        "print('ok')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    in_fresh_process(code)
 
 
 def test_flwr_s_supernode_loop_still_has_the_waits_the_patch_shortens() -> None:
@@ -73,10 +77,8 @@ def test_install_patches_the_loop_and_a_push_opens_the_window() -> None:
         "assert isinstance(loop.time, PromptClock) and loop.time.last_reply == float('-inf')\n"
         "loop._push_messages(None, None, None, None)\n"
         "assert time.monotonic() - loop.time.last_reply < 1.0\n"
-        "print('ok')\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    in_fresh_process(code)
 
 
 @pytest.mark.parametrize(
