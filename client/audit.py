@@ -23,7 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import message_to_proto
 
 from common.atomic_file import write_bytes_atomic
-from common.codec import records
+from common.codec import packing, records
 
 AUDIT_DIR = "audit-dir"
 SHOWN_STRING = 256
@@ -44,21 +44,47 @@ def describe(message: Message) -> dict[str, Any]:
     arrays: list[dict[str, Any]] = []
     values: list[dict[str, Any]] = []
     error = len((message.error.reason or "").encode("utf-8")) if message.has_error() else 0
+    layout = 0
     if not message.has_error():
         for record_name, record in message.content.items():
             if isinstance(record, ArrayRecord):
-                arrays.extend(_array_entry(record_name, key, record[key]) for key in record.keys())
+                unpacked = _unpacked_entries(record_name, record)
+                arrays.extend(unpacked or [_array_entry(record_name, key, record[key]) for key in record.keys()])
+                layout += len(record[packing.LAYOUT].data) if unpacked else 0
             else:
                 kind = "config" if isinstance(record, ConfigRecord) else "metric"
                 values.extend(_value_entry(record_name, kind, key, value) for key, value in record.items())
-    payload = sum(a["wire_bytes"] for a in arrays) + sum(v["bytes"] for v in values) + error
+    payload = sum(a["wire_bytes"] for a in arrays) + sum(v["bytes"] for v in values) + error + layout
     return {
         "arrays": arrays,
         "values": values,
         "error": error,
+        "layout_bytes": layout,
         "bytes": payload,
         "message_bytes": message_to_proto(message).ByteSize(),
     }
+
+
+def _unpacked_entries(record_name: str, record: ArrayRecord) -> list[dict[str, Any]]:
+    """The tensors of a packed adapter record, one entry each, as if each had travelled alone: its key, dtype,
+    shape and bytes; a packed array's serialisation header is counted with its first tensor. [] when the record is
+    not a packed adapter that decodes (the raw arrays are then listed as they are)."""
+    state = _unpacked_state(record)
+    if state is None:
+        return []
+    headers = {
+        key.removeprefix(packing.PREFIX): len(record[key].data) - record[key].numpy().nbytes
+        for key in record.keys()
+        if key != packing.LAYOUT
+    }
+    entries = []
+    for key, value in state.items():
+        nbytes = int(value.nbytes)
+        entries.append(
+            {"record": record_name, "key": key, "dtype": value.dtype.name, "shape": list(value.shape),
+             "nbytes": nbytes, "wire_bytes": nbytes + headers.pop(value.dtype.name, 0)}
+        )  # fmt: skip
+    return entries
 
 
 def _array_entry(record: str, key: str, array: Array) -> dict[str, Any]:
@@ -92,10 +118,24 @@ def flat_content(message: Message) -> dict[str, np.ndarray]:
         return {}
     flat: dict[str, np.ndarray] = {}
     for record_name, record in message.content.items():
+        unpacked = _unpacked_state(record)
+        if unpacked is not None:
+            flat.update({f"{record_name}/{key}": value for key, value in unpacked.items()})
+            continue
         for key in record.keys():
             value = record[key]
             flat[f"{record_name}/{key}"] = value.numpy() if isinstance(value, Array) else np.asarray(value)
     return flat
+
+
+def _unpacked_state(record: Any) -> dict[str, np.ndarray] | None:
+    """A packed adapter record's tensors by key, or None when ``record`` is not one that decodes."""
+    if not isinstance(record, ArrayRecord) or packing.LAYOUT not in record.keys():
+        return None
+    try:
+        return records.adapter_state(record)
+    except records.RecordError:
+        return None
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:

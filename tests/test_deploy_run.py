@@ -338,16 +338,20 @@ def test_factors_of_another_rank_fail_the_check(tiny_bert_shapes: BaseModel) -> 
     assert any("above the rank-2 bound" in problem for problem in violations)
 
 
-def test_the_audit_mod_records_a_base_weight_added_to_a_reply(tmp_path: Path, tiny_bert_shapes: BaseModel) -> None:
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-like-the-codec", "one-array-per-tensor"])
+def test_the_audit_mod_records_a_base_weight_added_to_a_reply(
+    tmp_path: Path, tiny_bert_shapes: BaseModel, packed: bool
+) -> None:
     from flwr.app import Array, ArrayRecord, Context, Metadata, RecordDict
     from flwr.app.message.message import make_message
 
+    from common.codec import packing
+
     # Arrange: a handler whose reply carries honest factors plus one base weight, behind the real audit mod.
     leaked = "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight"
-    arrays = {
-        key: Array(np.zeros(shape, np.float32))
-        for key, shape in {**_honest_reply(tiny_bert_shapes, 2), leaked: (32, 32)}.items()
-    }
+    shapes = {**_honest_reply(tiny_bert_shapes, 2), leaked: (32, 32)}
+    state = {key: np.zeros(shape, np.float32) for key, shape in shapes.items()}
+    arrays = {key: Array(value) for key, value in (packing.pack(state) if packed else state).items()}
 
     def metadata(message_id: str, reply_to: str) -> Metadata:
         return Metadata(1, message_id, 0, 1, reply_to, "1", time.time(), 60.0, "train")

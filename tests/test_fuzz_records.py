@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from typing import Any
 
@@ -18,9 +19,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from common.codec import records
+from common.codec import packing, records
 from common.codec.records import RecordError
-from common.updates import LORA_A_SUFFIX, LORA_B_SUFFIX
+from common.updates import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterFactors
 from common.validation import (
     REASON_CODES,
     Layout,
@@ -138,21 +139,63 @@ RAW_ARRAYS = st.one_of(
 
 
 def adapter_record(draw: st.DrawFn, plan: Plan, rank: int) -> ArrayRecord:
-    """An ArrayRecord near the layout: modules and head keys dropped or added, factors broken in many ways.
+    """An ArrayRecord near the layout: modules and head keys dropped or added, factors broken in many ways, then
+    packed as the codec packs (:func:`packed_record`, which breaks the packing itself now and then).
 
-    Each module is at another rank 1 time in 8; each factor is missing 1 time in 80 and raw bytes 1 time in 60.
+    Each module is at another rank 1 time in 8; each factor is missing 1 time in 80.
     """
-    arrays: dict[str, Array] = {}
+    state: dict[str, np.ndarray] = {}
     for module in plan.keys(MODULES, "m.k"):
         d_out, d_in = MODULES.get(module, (3, 5))
         r = int(plan.rng.integers(4)) if plan.one_in(8) else rank
         for suffix, shape in ((LORA_A_SUFFIX, (r, d_in)), (LORA_B_SUFFIX, (d_out, r))):
-            if plan.one_in(80):
-                continue
-            arrays[module + suffix] = draw(RAW_ARRAYS) if plan.one_in(60) else Array(tensor(plan, shape))
+            if not plan.one_in(80):
+                state[module + suffix] = tensor(plan, shape)
     for key in plan.keys(HEAD, "head.b"):
-        arrays[key] = Array(tensor(plan, HEAD.get(key, (3,))))
-    return ArrayRecord(arrays)
+        state[key] = tensor(plan, HEAD.get(key, (3,)))
+    return packed_record(draw, plan, state)
+
+
+LAYOUT_EDITS: list[Any] = [
+    lambda lay: lay.pop("dtypes"),
+    lambda lay: lay.update(extra=[1]),
+    lambda lay: lay["keys"].append("m.q" + LORA_A_SUFFIX),
+    lambda lay: lay["keys"].__setitem__(0, 7),
+    lambda lay: lay["shapes"].__setitem__(0, [True, 2]),
+    lambda lay: lay["shapes"].__setitem__(0, [-1, 5]),
+    lambda lay: lay["shapes"].__setitem__(0, [2**40, 2**40]),
+    lambda lay: lay["shapes"].__setitem__(0, [1.5]),
+    lambda lay: lay["shapes"].__setitem__(0, [1, 1, 1, 1, 1, 1]),
+    lambda lay: lay["shapes"].__setitem__(0, list(reversed(lay["shapes"][0]))),
+    lambda lay: lay["dtypes"].__setitem__(0, ">f4"),
+    lambda lay: lay["dtypes"].__setitem__(0, "object"),
+    lambda lay: lay["dtypes"].__setitem__(0, "float64"),
+    lambda lay: lay.update(shapes=lay["shapes"][:-1]),
+]
+"""Layouts that lie about the packed arrays, or are not layouts."""
+
+
+def packed_record(draw: st.DrawFn, plan: Plan, state: dict[str, np.ndarray]) -> ArrayRecord:
+    """``state`` packed (:mod:`common.codec.packing`); 1 time in 40 unpacked (one array per key, as before
+    packing); 1 time in 10 a layout edited (:data:`LAYOUT_EDITS`, written canonically or not); 1 time in 12 one
+    array replaced by raw bytes; 1 time in 30 an array added."""
+    if plan.one_in(40):
+        return ArrayRecord({k: Array(v) for k, v in state.items()})
+    arrays = packing.pack(state)
+    if arrays and plan.one_in(10):
+        layout = json.loads(arrays[packing.LAYOUT].tobytes())
+        with contextlib.suppress(IndexError, KeyError):
+            plan.pick(LAYOUT_EDITS)(layout)
+        text = json.dumps(layout, indent=None if plan.one_in(4) else 1)
+        arrays[packing.LAYOUT] = np.frombuffer(text.encode(), dtype=np.uint8)
+    record = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    if record and plan.one_in(12):
+        record[plan.pick(sorted(record))] = draw(RAW_ARRAYS)
+    if plan.one_in(30):
+        record[plan.pick([packing.PREFIX + "float16", packing.LAYOUT + "2", "m.q" + LORA_A_SUFFIX])] = Array(
+            np.zeros(3, np.float16)
+        )
+    return ArrayRecord(record)
 
 
 def slot(plan: Plan, good: Any) -> Any:
@@ -260,7 +303,7 @@ def _good_reply(metrics: dict[str, Any], node: dict[str, Any]) -> RecordDict:
     adapter = {"m.q" + LORA_A_SUFFIX: np.ones((2, 5), np.float32), "m.q" + LORA_B_SUFFIX: np.ones((4, 2), np.float32)}
     return RecordDict(
         {
-            records.ADAPTER: ArrayRecord({k: Array(v) for k, v in adapter.items()}),
+            records.ADAPTER: records.encode_adapter(AdapterFactors.from_state_dict(adapter)),
             records.METRICS: MetricRecord({records.NUM_EXAMPLES: 10, **metrics}),
             records.NODE: ConfigRecord({records.RANK: 2, records.SCALING: 1.0, **node}),
         }

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from common.codec import packing
 from common.updates import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
@@ -44,25 +45,32 @@ class RecordError(ValueError):
 
 
 def encode_adapter(adapter: AdapterFactors) -> ArrayRecord:
-    """Adapter → ArrayRecord keyed like peft's state dict."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in adapter.to_state_dict().items()})
+    """Adapter → ArrayRecord of a few packed arrays (:mod:`common.codec.packing`), keyed like peft's state dict."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in packing.pack(adapter.to_state_dict()).items()})
+
+
+def adapter_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The tensors of an adapter record by their peft keys; a RecordError when the packed arrays do not decode."""
+    arrays: dict[str, np.ndarray] = {}
+    for key in record.keys():
+        try:
+            arrays[key] = record[key].numpy()
+        except Exception as err:  # a malformed Array can fail to deserialise in many ways
+            raise RecordError(f"array {key!r} cannot be decoded: {err}") from None
+    try:
+        return packing.unpack(arrays)
+    except ValueError as err:
+        raise RecordError(str(err)) from None
 
 
 def decode_adapter(record: Any) -> AdapterFactors:
-    """ArrayRecord → adapter; rejects non-array entries and object or non-numeric dtypes."""
+    """ArrayRecord → adapter; rejects a record that does not unpack and object or non-numeric dtypes."""
     if not isinstance(record, ArrayRecord):
         raise RecordError(f"'{ADAPTER}' must be an ArrayRecord, got {type(record).__name__}")
-    state: dict[str, np.ndarray] = {}
-    for key in record.keys():
-        try:
-            value = record[key].numpy()
-        except Exception as err:  # a malformed Array can fail to deserialise in many ways
-            raise RecordError(f"array {key!r} cannot be decoded: {err}") from None
-        if value.dtype.kind not in "fiu":
-            raise RecordError(f"array {key!r} has non-numeric dtype {value.dtype}")
+    state = adapter_state(record)
+    for key, value in state.items():
         if value.ndim != 2 and (key.endswith(LORA_A_SUFFIX) or key.endswith(LORA_B_SUFFIX)):
             raise RecordError(f"LoRA factor {key!r} must be 2-D, got shape {value.shape}")
-        state[key] = value
     try:
         return AdapterFactors.from_state_dict(state)
     except ValueError as err:
