@@ -219,8 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
 def finished(
     cells: Sequence[Cell], scale: str, runs_dir: Path, extra: dict[str, Any], engine: str
 ) -> list[dict[str, Any]]:
-    """The current results of ``cells`` that exist (for ``--report-only``)."""
-    found = [load_result(runs_dir / c.name, fingerprint(c, cell_overlay(scale, c, extra=extra), engine)) for c in cells]
+    """The current results of ``cells`` that exist (for ``--report-only``): a federated cell run with ``engine``, or
+    else with the other engine (the report says which cells ran how)."""
+    found = []
+    for cell in cells:
+        overlay = cell_overlay(scale, cell, extra=extra)
+        tries = (engine, *[e for e in ENGINES if e != engine])
+        found.append(
+            next(filter(None, (load_result(runs_dir / cell.name, fingerprint(cell, overlay, e)) for e in tries)), None)
+        )
     return [r for r in found if r is not None]
 
 

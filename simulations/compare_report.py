@@ -20,6 +20,8 @@ METHOD_LABELS = {
     "raflora": "raflora",
     "fedavg": "fedavg (zero-padded)",
     "ffa": "ffa",
+    "rfa": "rfa (geometric median)",
+    "multikrum": "multikrum",
     "centralized": "centralized",
     "local": "local-only",
 }
@@ -150,6 +152,19 @@ def engines(results: Sequence[dict[str, Any]]) -> str:
     return " + ".join(used) or "n/a"
 
 
+def engine_text(results: Sequence[dict[str, Any]]) -> str:
+    """How the federated cells ran, in words; with both engines, which cells ran in process."""
+    used = engines(results)
+    if used in ENGINE_TEXT:
+        return ENGINE_TEXT[used]
+    inprocess = sorted(r["cell"] for r in results if r["method"] in FEDERATED and r.get("engine") == "inprocess")
+    return (
+        f"{ENGINE_TEXT['flower']}, except {len(inprocess)} cells run as {ENGINE_TEXT['inprocess']} "
+        f"({', '.join(inprocess)}); both engines give the same per-round global losses to every digit "
+        "(`tests/test_compare.py::test_the_two_engines_compute_the_same_rounds`)"
+    )
+
+
 METRIC_TEXT = {
     "global": (
         "Final accuracy after the last round of the adapter a user exports (the global adapter at the largest node",
@@ -224,7 +239,7 @@ def write_report(
         *accuracy_table(results),
         "",
         *BASELINE_NOTES,
-        f"- Federated cells: {ENGINE_TEXT.get(engines(results), engines(results))}. The numbers are as measured,",
+        f"- Federated cells: {engine_text(results)}. The numbers are as measured,",
         "  including where a rule we favour loses.",
         "",
         *(

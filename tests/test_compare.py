@@ -177,3 +177,22 @@ def test_mean_std_formats() -> None:
     assert mean_std([]) == "—"
     assert mean_std([0.5]) == "0.500 (n=1)"
     assert mean_std([0.7, 0.9]) == "0.800 ± 0.141"
+
+
+@pytest.mark.slow
+def test_the_two_engines_compute_the_same_rounds(tmp_path: Path) -> None:
+    """A real tiny cell through a Flower simulation and in process: the same global loss every round, to the digit,
+    so one report may hold cells of both engines."""
+    from simulations.compare import main
+
+    losses = {}
+    for engine in ("flower", "inprocess"):
+        args = ["--scale", "tiny", "--engine", engine, "--threads", "1", "--methods", "svd", "--ranks", "heterogeneous"]
+        args += ["--data", "dirichlet", "--seeds", "1", "--runs", str(tmp_path / engine)]
+        assert main([*args, "--results", str(tmp_path / f"report-{engine}")]) == 0
+        result = json.loads((tmp_path / engine / "svd-heterogeneous-dirichlet-s0" / RESULT_FILE).read_text())
+        losses[engine] = [(row["round"], row["global_loss"]) for row in result["rows"]]
+
+    assert len(losses["flower"]) >= 4
+    assert losses["flower"] == losses["inprocess"]
+    assert losses["flower"][-1][1] < losses["flower"][0][1]  # it trained
