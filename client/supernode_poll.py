@@ -6,28 +6,33 @@ of a round (the evaluation right after training, the next round's training right
 ready at that immediate pull, since the coordinator is still collecting the other nodes' replies, so it waits out the
 3-s sleep on every node and every message.
 
-This runs Flower's own ``flower-supernode`` entry point in this process with three waits changed:
+This runs Flower's own ``flower-supernode`` entry point in this process with three waits changed and one start-up
+shortened:
 
 - for ``--prompt-window`` seconds after each reply, the 3-s idle sleep becomes 0.2 s, so the next message is taken
   within 0.2 s of being sent; outside that window the node polls every 3 s, as Flower does, so an idle fleet puts no
   more load on the SuperLink than before;
 - the 0.5-s checks for a reply in the node's own store become 0.05 s (local, no network);
 - a message object that has not reached the SuperLink yet is asked for again after 0.05 s instead of 1 s
-  (:mod:`common.codec.object_pulls`).
+  (:mod:`common.codec.object_pulls`);
+- the SuperExec it starts forks each message's ``flwr-clientapp`` from a process that has Flower imported
+  (:mod:`client.clientapp_forks`), which saves about 0.5 s of imports per message.
 
-Nothing else changes: the same SuperNode code, connection, authentication, and a fresh ClientApp process for every
-message. If the installed flwr no longer has the loop this patches, :func:`install` says so and the SuperNode runs
+Nothing else changes: the same SuperNode code, connection, authentication, and a ClientApp process of its own for
+every message. If the installed flwr no longer has the loop this patches, :func:`install` says so and the SuperNode runs
 unchanged.
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from client.clientapp_forks import SuperExecByFork
 from common.codec.object_pulls import shorten_object_pull_backoff
 
 IDLE_SLEEP_S = 3.0
@@ -82,6 +87,8 @@ def install(window_s: float) -> str:
 
     loop._push_messages = pushed
     loop.time = clock  # type: ignore[assignment]  # a stand-in for the module: every attribute but sleep is time's
+    if getattr(loop, "subprocess", None) is subprocess:
+        loop.subprocess = SuperExecByFork()  # type: ignore[assignment]  # every attribute but Popen is subprocess's
     return ""
 
 

@@ -77,6 +77,8 @@ def test_install_patches_the_loop_and_a_push_opens_the_window() -> None:
         "assert isinstance(loop.time, PromptClock) and loop.time.last_reply == float('-inf')\n"
         "loop._push_messages(None, None, None, None)\n"
         "assert time.monotonic() - loop.time.last_reply < 1.0\n"
+        "from client.clientapp_forks import SuperExecByFork\n"
+        "assert isinstance(loop.subprocess, SuperExecByFork)\n"
     )
     in_fresh_process(code)
 
