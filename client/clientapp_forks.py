@@ -116,7 +116,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     flower_superexec()
 
 
-if __name__ == "__main__":
-    from client.clientapp_forks import main as imported_main  # the fork server pickles functions of that module
-
-    imported_main()
+if __name__ == "__main__":  # a forked copy unpickles run_clientapp from this module, re-run as __mp_main__
+    main()
