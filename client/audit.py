@@ -72,11 +72,8 @@ def _unpacked_entries(record_name: str, record: ArrayRecord) -> list[dict[str, A
     state = _unpacked_state(record)
     if state is None:
         return []
-    headers = {
-        key.removeprefix(packing.PREFIX): len(record[key].data) - record[key].numpy().nbytes
-        for key in record.keys()
-        if key != packing.LAYOUT
-    }
+    packed = [_array_entry(record_name, key, record[key]) for key in record.keys() if key != packing.LAYOUT]
+    headers = {e["key"].removeprefix(packing.PREFIX): e["wire_bytes"] - e["nbytes"] for e in packed}
     entries = []
     for key, value in state.items():
         nbytes = int(value.nbytes)

@@ -92,12 +92,6 @@ class SuperExecByFork:
         return subprocess.Popen(superexec_command(args), **kwargs)
 
 
-def sibling(command: str) -> str:
-    """``command`` from this interpreter's ``bin`` folder when it is there (a venv not on PATH), else by name."""
-    path = os.path.join(os.path.dirname(sys.executable), command)
-    return path if os.access(path, os.X_OK) else command
-
-
 def superexec_command(command: Sequence[str]) -> list[str]:
     """The SuperNode's ``flower-superexec ARGS`` command → this module with the same ARGS; others unchanged."""
     if command and command[0] == "flower-superexec":

@@ -38,6 +38,7 @@ def test_a_forked_clientapp_runs_flower_s_entry_point_with_its_arguments_and_exi
     code = (
         "import subprocess, time\n"
         "from client import clientapp_forks as forks\n"
+        "from client.device import flower_bin\n"
         "popen, why = forks.install()\n"
         "assert why == '' and popen is not None, why\n"
         "from flwr.supercore.superexec.executor import subprocess_executor as ex\n"
@@ -45,7 +46,7 @@ def test_a_forked_clientapp_runs_flower_s_entry_point_with_its_arguments_and_exi
         # Act: flwr-clientapp without its required arguments exits non-zero, like the real command
         "bad = ex.subprocess.Popen(['flwr-clientapp'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "bad.join(60)\n"
-        "real = subprocess.run([forks.sibling('flwr-clientapp')], capture_output=True)\n"
+        "real = subprocess.run([flower_bin('flwr-clientapp')], capture_output=True)\n"
         "assert bad.exitcode == real.returncode != 0, (bad.exitcode, real.returncode)\n"
         "ok = ex.subprocess.Popen(['flwr-clientapp', '--help'], stdout=subprocess.DEVNULL)\n"
         "ok.join(60)\n"
@@ -62,13 +63,14 @@ def test_a_forked_clientapp_starts_faster_than_a_fresh_process() -> None:
     code = (
         "import subprocess, sys, time\n"
         "from client import clientapp_forks as forks\n"
+        "from client.device import flower_bin\n"
         "popen, _ = forks.install()\n"
         "def forked():\n"
         "    p = popen.Popen(['flwr-clientapp', '--help'], stdout=subprocess.DEVNULL)\n"
         "    p.join(60)\n"
         "    assert p.exitcode == 0\n"
         "def fresh():\n"
-        "    subprocess.run([forks.sibling('flwr-clientapp'), '--help'], check=True, capture_output=True)\n"
+        "    subprocess.run([flower_bin('flwr-clientapp'), '--help'], check=True, capture_output=True)\n"
         "def best(f):\n"
         "    times = []\n"
         "    for _ in range(3):\n"
