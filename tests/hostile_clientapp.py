@@ -10,6 +10,8 @@ nodes run fedlora's handlers unchanged; a planned node runs them too and then al
   metric record (key ``warmup``).
 - ``extra-config-key``: its train replies carry one more key in the node's config record (``debug``).
 - ``head-twice``: its train replies carry the head a second time, in an array record of its own (``head``).
+- ``padded-layout``: its train replies carry the packed adapter's layout re-written with indentation, whitespace
+  that could carry bits (:mod:`common.codec.packing`).
 
 Attacks on the aggregate (train replies from round ``from-round`` on; well-formed, finite, at the node's rank), as
 :mod:`simulations.attacks` makes them: ``scale`` (lora_B × ``factor``), ``inflate-examples``, ``noise``,
@@ -19,17 +21,18 @@ Attacks on the aggregate (train replies from round ``from-round`` on; well-forme
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import client_app as real
 from client.audit import audit_mod
 from client.faults import fault_mod
 from client.secure import secure_train_mod
-from common.codec import records
+from common.codec import packing, records
 from common.lora import lora_scaling
 from common.updates import AdapterFactors, NodeInfo, TrainReply
 from simulations.attacks import attacked
@@ -83,7 +86,18 @@ def _head_twice(content: RecordDict, context: Context) -> None:
     content["head"] = ArrayRecord({k: adapter[k] for k in adapter.keys() if ".lora_" not in k})
 
 
-SMUGGLERS = {"smuggle-metric": _smuggle_metric, "extra-config-key": _extra_config_key, "head-twice": _head_twice}
+def _padded_layout(content: RecordDict, context: Context) -> None:
+    adapter = content[records.ADAPTER]
+    layout = json.loads(adapter[packing.LAYOUT].numpy().tobytes())
+    adapter[packing.LAYOUT] = Array(np.frombuffer(json.dumps(layout, indent=1).encode(), np.uint8).copy())
+
+
+SMUGGLERS = {
+    "smuggle-metric": _smuggle_metric,
+    "extra-config-key": _extra_config_key,
+    "head-twice": _head_twice,
+    "padded-layout": _padded_layout,
+}
 """Behaviours that add something to an honest train reply's records."""
 
 
