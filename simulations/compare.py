@@ -5,7 +5,8 @@ two labels per node} × seeds, plus two baselines per (ranks, data, seed) at the
 
 - ``centralized``: one LoRA (the largest node rank) on the pooled data (``fedlora centralized``'s code);
 - ``local``: each node trains alone at its own rank with the federated node recipe (rounds × local steps, the same
-  optimizer restarts) and no aggregation, evaluated on its own held-out split; averaged over nodes.
+  optimizer restarts) and no aggregation; each node's own adapter is evaluated on the fixed held-out set, averaged
+  over nodes.
 
 Every cell is composed from the overlays in ``simulations/experiments/`` (scale ← ranks ← data ← rule and seed)
 and writes ``runs/compare/<scale>/<engine>/<cell>/result.json`` when it completes. A cell whose result exists
@@ -187,7 +188,10 @@ def seed_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seeds expects N or a comma-separated list, got {text!r}") from None
     if not values or (len(values) == 1 and "," not in text and values[0] < 1):
-        raise argparse.ArgumentTypeError(f"--seeds needs at least one seed, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--seeds needs at least one seed, got {text!r} (N counts seeds 0..N-1; seed {text.strip()} alone is "
+            f"'{text.strip()},')"
+        )
     return values if "," in text else list(range(values[0]))
 
 
@@ -195,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m simulations.compare``."""
     parser = argparse.ArgumentParser(prog="python -m simulations.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=SCALES, default="tiny", help="overlay simulations/experiments/scale-*.toml")
-    parser.add_argument("--seeds", type=seed_list, default="3", help="N (seeds 0..N-1, default 3) or a list: 0,2,3")
+    parser.add_argument(
+        "--seeds", type=seed_list, default="3", help="N (seeds 0..N-1, default 3) or a list: 0,2,3 (seed 2 alone: 2,)"
+    )
     parser.add_argument(
         "--methods", default=",".join((*RULE_NAMES, *BASELINES)), help="comma-separated rules/baselines"
     )

@@ -168,8 +168,9 @@ def engine_text(results: Sequence[dict[str, Any]]) -> str:
 METRIC_TEXT = {
     "global": (
         "Final accuracy after the last round of the adapter a user exports (the global adapter at the largest node",
-        "rank) on one fixed held-out set of the task, the same for every cell. The baselines on the same set:",
-        "centralized its one model, local-only the mean over nodes of each node's own adapter.",
+        "rank) on a fixed held-out set of the task, drawn with the cell's seed: every cell of a seed is evaluated",
+        "on the same examples. The baselines on the same set: centralized its one model, local-only the mean over",
+        "nodes of each node's own adapter.",
     ),
     "nodes": (
         "Final held-out accuracy after the last round (each node evaluates the global adapter at its own rank on its",
@@ -193,14 +194,15 @@ def accuracy(row: dict[str, Any]) -> float:
 
 BASELINE_NOTES = (
     "- **centralized**: one LoRA at the largest node rank on the pooled data of all nodes, with the federated",
-    "  run's total optimizer steps (rounds × nodes × local steps) and one schedule; evaluated on the union of",
-    "  the nodes' held-out splits.",
+    "  run's total optimizer steps (rounds × nodes × local steps) and one schedule; evaluated on the same fixed",
+    "  held-out set as the federated cells.",
     "- **local-only**: every node trains alone at its own rank with the same recipe as a federated node",
-    "  (rounds × local steps, optimizer restarted each round) and is evaluated on its own held-out split; no",
-    "  aggregation. Example-weighted over nodes.",
-    "- A node's held-out split is drawn from the test set with the same partitioner and seed as its training",
-    "  share, so under label skew a local-only model is tested on the few labels it trained on, while the one",
-    "  global adapter has to serve every node's labels.",
+    "  (rounds × local steps, optimizer restarted each round); no aggregation. Each node's own adapter is",
+    "  evaluated on the same fixed held-out set, and the table gives the mean over nodes.",
+    "- The fixed held-out set is drawn, stratified and seeded, from the task's test split and covers every",
+    "  label, so under label skew a node's own adapter (local-only) and the one global adapter are both judged",
+    "  on labels the node never trained on. Each cell's `result.json` also keeps the nodes' own held-out",
+    "  metric (`eval_accuracy`).",
 )
 """What the report says about the baselines and the held-out splits."""
 
