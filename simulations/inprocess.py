@@ -75,17 +75,19 @@ def _sent(ins: Instruction, transport: Transport) -> Instruction:
     return ins if ins.adapter is None else dataclasses.replace(ins, adapter=transport(ins.adapter))
 
 
-def evaluate_all(
-    engine: RoundEngine, nodes: Sequence[NodeSettings], evaluate_fn: EvaluateFn, rnd: int
+def evaluate_sampled(
+    engine: RoundEngine, nodes: Sequence[NodeSettings], evaluate_fn: EvaluateFn, rnd: int, *, evaluate: bool = True
 ) -> list[EvaluateReply]:
-    """Every node evaluates the global adapter at its own rank (as the coordinator holds it, not as a transport
-    would deliver it); the engine records the round's eval metrics."""
-    instructions = engine.instructions([n.partition_id for n in nodes], rnd, train=False)
-    replies = {
-        node.partition_id: evaluate_fn(engine.cfg, node, instructions[node.partition_id])
-        for node in nodes
-        if node.partition_id in instructions
-    }
+    """The round's federated evaluation: ``fraction-evaluate`` of the nodes, drawn by the engine's seeded sampler as
+    the Flower strategy draws them (also when ``evaluate`` is False, so that later samples stay in step with a Flower
+    run), evaluate the global adapter at their own rank (as the coordinator holds it, not as a transport would
+    deliver it); the engine records the round's eval metrics."""
+    by_id = {node.partition_id: node for node in nodes}
+    sampled = engine.sample(sorted(by_id), engine.cfg.reliability.fraction_evaluate)
+    if not evaluate:
+        return []
+    instructions = engine.instructions(sampled, rnd, train=False)
+    replies = {node_id: evaluate_fn(engine.cfg, by_id[node_id], ins) for node_id, ins in instructions.items()}
     engine.aggregate_evaluate(rnd, replies, replies)
     return list(replies.values())
 
@@ -112,7 +114,7 @@ def run_rounds(
         engine.remember(node.partition_id, node_info(cfg, node), 0)
     started = time.perf_counter()
     engine.begin(0)
-    results = [RoundResult(0, evaluate_all(engine, nodes, evaluate_fn, 0), global_metrics=engine.evaluate_global())]
+    results = [RoundResult(0, evaluate_sampled(engine, nodes, evaluate_fn, 0), global_metrics=engine.evaluate_global())]
     results[0].seconds = time.perf_counter() - started
     if on_round is not None:
         on_round(results[0])
@@ -129,7 +131,7 @@ def run_rounds(
         evaluate = evaluate_every_round or rnd == cfg.num_rounds
         result = RoundResult(
             rnd,
-            evaluate_all(engine, nodes, evaluate_fn, rnd) if evaluate else [],
+            evaluate_sampled(engine, nodes, evaluate_fn, rnd, evaluate=evaluate),
             [r.metrics for r in replies.values()],
             [r.adapter.nbytes for r in replies.values()],
             outcome.aggregation_seconds,

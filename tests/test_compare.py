@@ -181,17 +181,19 @@ def test_mean_std_formats() -> None:
 
 @pytest.mark.slow
 def test_the_two_engines_compute_the_same_rounds(tmp_path: Path) -> None:
-    """A real tiny cell through a Flower simulation and in process: the same global loss every round, to the digit,
-    so one report may hold cells of both engines."""
+    """A real tiny cell through a Flower simulation and in process: the same global loss and the same nodes' eval
+    loss every round, to the digit, so one report may hold cells of both engines. The nodes sample (half of them
+    train, three quarters evaluate each round), so the two engines must also draw the same nodes in the same order."""
     from simulations.compare import main
 
     losses = {}
     for engine in ("flower", "inprocess"):
         args = ["--scale", "tiny", "--engine", engine, "--threads", "1", "--methods", "svd", "--ranks", "heterogeneous"]
         args += ["--data", "dirichlet", "--seeds", "1", "--runs", str(tmp_path / engine)]
+        args += ["--set", "fraction-train=0.5", "--set", "fraction-evaluate=0.75"]
         assert main([*args, "--results", str(tmp_path / f"report-{engine}")]) == 0
         result = json.loads((tmp_path / engine / "svd-heterogeneous-dirichlet-s0" / RESULT_FILE).read_text())
-        losses[engine] = [(row["round"], row["global_loss"]) for row in result["rows"]]
+        losses[engine] = [(row["round"], row["global_loss"], row["eval_loss"]) for row in result["rows"]]
 
     assert len(losses["flower"]) >= 4
     assert losses["flower"] == losses["inprocess"]
