@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--scale", default="tiny", choices=("tiny", "full"))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS), help="comma-separated; 'none' alone runs only the no-attack row"
+    )
     parser.add_argument(
         "--attackers", default="1,2", help="comma-separated counts (0, the no-attack row, is always run)"
     )
@@ -210,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    attacks = [a for a in args.attacks.split(",") if a]
+    attacks = [a for a in args.attacks.split(",") if a and a != "none"]  # the no-attack row is always run
     for name, known in (("method", METHODS), ("attack", ATTACKS)):
         for value in methods if name == "method" else attacks:
             if value not in known:
