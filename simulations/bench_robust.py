@@ -247,8 +247,10 @@ def run_cells(cells: Sequence[tuple[str, str, int, int]], args: argparse.Namespa
         out.mkdir(parents=True, exist_ok=True)
         (out / "running").write_text(str(os.getpid()), encoding="utf-8")
         print(f"bench_robust: [{i}/{len(cells)}] {out.name}", flush=True)
-        result = run_cell(args.scale, method, attack, count, seed, out)
-        (out / "running").unlink(missing_ok=True)
+        try:
+            result = run_cell(args.scale, method, attack, count, seed, out)
+        finally:  # a failed or interrupted cell must not look taken to the next process
+            (out / "running").unlink(missing_ok=True)
         print(
             f"bench_robust: {out.name}: accuracy {result['final_accuracy']:.3f} in {result['seconds']:.0f} s",
             flush=True,

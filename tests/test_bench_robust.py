@@ -57,3 +57,18 @@ def test_a_tiny_attack_cell_runs_resumes_and_is_reported(tmp_path: Path, capsys:
     assert "[1/1]" not in capsys.readouterr().out  # finished cells are not run again
     assert (cells / "svd-none-0-s0" / "result.json").stat().st_mtime_ns == saved
     assert "scale-1000" not in (tmp_path / "report" / "robustness.md").read_text()  # only the row asked for
+
+
+def test_a_cell_that_fails_is_not_left_marked_as_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell that raises gives its ``running`` mark back, so a rerun (in this process or another) runs it."""
+    import simulations.bench_robust as bench
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("the node ran out of memory")
+
+    monkeypatch.setattr(bench, "run_cell", broken)
+    args = ["--scale", "tiny", "--methods", "svd", "--attacks", "none", "--runs", str(tmp_path / "runs")]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main([*args, "--results", str(tmp_path / "report")])
+    cell = tmp_path / "runs" / "tiny" / "svd-none-0-s0"
+    assert cell.is_dir() and not (cell / "running").exists() and not (cell / "result.json").exists()
