@@ -168,15 +168,18 @@ def plot(results: Sequence[dict[str, Any]], methods: list[str], rows: list[tuple
             ]
             values.append(statistics.fmean(got) if got else np.nan)
         ax.bar(np.arange(len(rows)) + j * width, values, width, label=m)
-    ax.set_xticks(
-        np.arange(len(rows)) + 0.4 - width / 2, [f"{a}\n×{c}" if c else "no attack" for a, c in rows], fontsize=8
-    )
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [_label(a, c) for a, c in rows], fontsize=8)
     ax.set_ylabel("global accuracy (exported adapter)")
     ax.legend(fontsize=8, ncol=len(methods))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _label(attack: str, count: int) -> str:
+    """The plot's label of a row: the attack and how many attackers (not "×2", which reads as a scale)."""
+    return f"{attack}\n{count} attacker{'s' if count > 1 else ''}" if count else "no attack"
 
 
 def _running_elsewhere(out: Path) -> bool:
