@@ -252,7 +252,7 @@ def run_cells(cells: Sequence[tuple[str, str, int, int]], args: argparse.Namespa
         print(f"bench_robust: [{i}/{len(cells)}] {out.name}", flush=True)
         try:
             result = run_cell(args.scale, method, attack, count, seed, out)
-        finally:  # a failed or interrupted cell must not look taken to the next process
+        finally:  # no mark left by a cell that raised (a killed process's mark is read as free: its pid is gone)
             (out / "running").unlink(missing_ok=True)
         print(
             f"bench_robust: {out.name}: accuracy {result['final_accuracy']:.3f} in {result['seconds']:.0f} s",
